@@ -1,0 +1,138 @@
+"""Recipes and command-line overrides, resolved into one strict OmegaConf config.
+
+A recipe is `recipes/<name>.yaml` or a path to the user's own YAML. A recipe may name a parent with
+`inherits: <recipe>`; its keys are merged over the parent's. The merged config is struct-locked:
+a recipe or override key the parent chain does not define is an error that lists the valid keys,
+so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from .errors import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+_META_KEYS = ("inherits",)
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(recipe: str) -> Path:
+    """A recipe name from recipes/, or a path to a YAML file."""
+    candidate = Path(recipe)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise ConfigError(f"recipe file {recipe!r} does not exist; pass a YAML path or one of: {', '.join(available_recipes())}")
+        return candidate
+    path = RECIPES_DIR / f"{recipe}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(available_recipes())} (or a path to a .yaml file)")
+    return path
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    if path.resolve() in seen:
+        raise ConfigError(f"recipe {path} inherits from itself")
+    try:
+        node = OmegaConf.load(path)
+    except (OmegaConfBaseException, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc}") from exc
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"recipe {path} must be a YAML mapping of keys to values")
+    parent = node.pop("inherits", None)
+    if parent is None:
+        return node
+    base = _load_chain(recipe_path(str(parent)), seen + (path.resolve(),))
+    return merge_strict(base, node, source=str(path))
+
+
+def _valid_keys(node: DictConfig, prefix: str) -> str:
+    return ", ".join(f"{prefix}{k}" for k in node.keys())
+
+
+def _check_keys(base: Any, update: Any, prefix: str, source: str) -> None:
+    if not isinstance(update, DictConfig) or not isinstance(base, DictConfig):
+        return
+    for key in update.keys():
+        if key not in base:
+            raise ConfigError(
+                f"unknown key '{prefix}{key}' in {source}; valid keys here: {_valid_keys(base, prefix)}"
+            )
+        if isinstance(base[key], DictConfig) and update[key] is not None:
+            if not isinstance(update[key], DictConfig):
+                raise ConfigError(f"{prefix}{key} is a section ({_valid_keys(base[key], prefix + key + '.')}); set its keys, not the section")
+            _check_keys(base[key], update[key], f"{prefix}{key}.", source)
+
+
+def merge_strict(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
+    """Merge `update` over `base`, refusing keys that `base` lacks."""
+    _check_keys(base, update, "", source)
+    return OmegaConf.merge(base, update)
+
+
+def parse_overrides(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Split `recipe=NAME` from the `key=value` overrides."""
+    recipe = None
+    overrides = []
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"cannot read argument {arg!r}; write overrides as key=value (e.g. train.max_steps=300)")
+        key, value = arg.split("=", 1)
+        if key == "recipe":
+            recipe = value
+        else:
+            overrides.append(f"{key}={value}")
+    return recipe, overrides
+
+
+def load_config(recipe: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Resolve a recipe and its overrides into one read-only config."""
+    cfg = _load_chain(recipe_path(recipe))
+    try:
+        update = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from exc
+    cfg = merge_strict(cfg, update, source="the command line")
+    cfg.recipe = Path(recipe).stem if recipe_path(recipe).parent != RECIPES_DIR else recipe
+    if cfg.output_dir is None:
+        cfg.output_dir = str(Path("runs") / cfg.recipe)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot resolve the config: {exc}") from exc
+    OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_container(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def flat(cfg: DictConfig) -> dict[str, Any]:
+    """Dotted keys -> scalars, for trackers that want a flat hyper-parameter table."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) or node is None else str(node)
+
+    walk(to_container(cfg), "")
+    return out
+
+
+__all__ = ["ConfigError", "ConfigKeyError", "available_recipes", "load_config", "parse_overrides", "to_yaml", "flat"]

@@ -1,0 +1,1 @@
+"""Data layer: sources (embedded, imagefolder, hub), validation, member / non-member split, transforms."""

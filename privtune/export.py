@@ -1,0 +1,107 @@
+"""Export the trained LoRA (diffusers format, optionally kohya/webui) and image grids, atomically.
+
+The safetensors files carry only the adapter's shape metadata (rank, alpha, targets): no paths,
+captions or other facts about the training data.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .io import atomic_path
+
+LORA_DIR = "lora"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+
+
+def _install(tmp_dir: Path, final_dir: Path) -> None:
+    """Move every file of `tmp_dir` into `final_dir`, one atomic rename each."""
+    final_dir.mkdir(parents=True, exist_ok=True)
+    for f in tmp_dir.iterdir():
+        os.replace(f, final_dir / f.name)
+
+
+def adapter_metadata(config) -> dict:
+    meta = config.to_dict()
+    meta["target_modules"] = sorted(meta.get("target_modules") or [])
+    return {k: v for k, v in meta.items() if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "init_lora_weights", "peft_type", "bias", "use_rslora")}
+
+
+def save_lora_folder(folder: Path, unet_state: dict, unet_config, text_state: dict | None = None,
+                     text_config=None, kohya: bool = False) -> Path:
+    """Write a diffusers-loadable LoRA folder (and the kohya file) from peft state dicts."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
+        tmp = Path(tmp)
+        kwargs = {}
+        if text_state:
+            kwargs = {"text_encoder_lora_layers": convert_state_dict_to_diffusers(text_state),
+                      "text_encoder_lora_adapter_metadata": adapter_metadata(text_config)}
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=convert_state_dict_to_diffusers(unet_state), weight_name=LORA_FILE,
+            safe_serialization=True, unet_lora_adapter_metadata=adapter_metadata(unet_config), **kwargs,
+        )
+        if kohya:
+            save_kohya(tmp / KOHYA_FILE, unet_state, unet_config, text_state, text_config)
+        _install(tmp, folder)
+    return folder / LORA_FILE
+
+
+def save_kohya(path: Path, unet_state: dict, unet_config, text_state=None, text_config=None) -> None:
+    """The kohya / webui key layout (lora_unet_*.lora_down/lora_up/alpha) via diffusers' converter."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    merged = {f"unet.{k}": v for k, v in unet_state.items()}
+    alphas = {"lora_unet": float(unet_config.lora_alpha)}
+    if text_state:
+        merged.update({f"text_encoder.{k}": v for k, v in text_state.items()})
+        alphas["lora_te1"] = float(text_config.lora_alpha)
+    kohya = convert_state_dict_to_kohya(merged)
+    for key in list(kohya):
+        if key.endswith(".alpha"):
+            prefix = "lora_te1" if key.startswith("lora_te1") else "lora_unet"
+            kohya[key] = torch.tensor(alphas[prefix])
+    kohya = {k: v.contiguous() for k, v in kohya.items()}
+    save_file(kohya, str(path), metadata={"format": "pt", "ss_network_module": "networks.lora",
+                                         "ss_network_dim": str(unet_config.r), "ss_network_alpha": str(unet_config.lora_alpha)})
+
+
+def export_lora(trainer) -> Path:
+    """The trainer's adapters into run_dir/lora."""
+    from .models.lora import lora_state_dict
+
+    acc = trainer.accelerator
+    unet = acc.unwrap_model(trainer.components.unet)
+    text_state = None
+    if trainer.text_lora_config is not None:
+        text_state = lora_state_dict(acc.unwrap_model(trainer.components.text_encoder))
+    return save_lora_folder(trainer.run_dir / LORA_DIR, lora_state_dict(unet), trainer.lora_config,
+                            text_state, trainer.text_lora_config, kohya=trainer.cfg.export.kohya)
+
+
+def save_image_grid(images: list[Image.Image], captions: list[str], path: Path, cell: int = 128) -> Path:
+    """A captioned row of images, upscaled for viewing, written atomically as PNG."""
+    width = cell * len(images)
+    grid = Image.new("RGB", (width, cell + 28), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (im, cap) in enumerate(zip(images, captions)):
+        grid.paste(im.resize((cell, cell), Image.NEAREST), (i * cell, 0))
+        draw.text((i * cell + 2, cell + 2), cap[:22], fill="black")
+        draw.text((i * cell + 2, cell + 14), cap[22:44], fill="black")
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return Path(path)
+
+
+__all__ = ["save_lora_folder", "export_lora", "save_image_grid"]

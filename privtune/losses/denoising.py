@@ -1,0 +1,31 @@
+"""The latent-diffusion denoising loss (Ho et al. 2020; Rombach et al. 2022), per sample.
+
+Returned per sample (mean over latent entries) so that defenses can weight, filter or clip
+individual examples before the batch mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def add_noise_and_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """Forward-noise `latents` at `timesteps`; return (noisy latents, regression target)."""
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
+    return noisy, target
+
+
+def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                   noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE between the UNet's prediction and its target, shape [B]."""
+    noisy, target = add_noise_and_target(noise_scheduler, latents, noise, timesteps)
+    pred = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))

@@ -1,0 +1,1 @@
+"""Model loading (embedded tiny SD or any diffusers SD checkpoint), LoRA injection and export."""

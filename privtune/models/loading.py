@@ -1,0 +1,72 @@
+"""Load the Stable Diffusion components from one config key, the same way for every checkpoint.
+
+`model.base=embedded` is the tiny SD shipped in the package; any local diffusers folder or hub id
+(e.g. SD v1.5) goes through exactly the same calls. Weights load from safetensors only unless the
+user sets `model.allow_unsafe_weights=true`; remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+
+EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd"
+
+
+@dataclass
+class Components:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    path: str
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def resolve_base(base: str) -> str:
+    if base == "embedded":
+        if not (EMBEDDED_MODEL / "model_index.json").is_file():
+            raise ModelError(f"the embedded model is missing at {EMBEDDED_MODEL}; rebuild it with scripts/build_tiny_sd.py")
+        return str(EMBEDDED_MODEL)
+    path = Path(base).expanduser()
+    if base.startswith((".", "/", "~")) and not path.exists():
+        raise ModelError(f"model.base {base!r} does not exist; pass a diffusers folder, a hub id, or 'embedded'")
+    return str(path) if path.exists() else base
+
+
+def load_components(model_cfg, dtype: torch.dtype = torch.float32) -> Components:
+    """Tokenizer, text encoder, VAE, UNet (in `dtype`) and the DDPM training scheduler of `model.base`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = resolve_base(str(model_cfg.base))
+    common = {"revision": model_cfg.revision}
+    weights = {"use_safetensors": not model_cfg.allow_unsafe_weights, "variant": model_cfg.variant, "torch_dtype": dtype}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=weights["use_safetensors"],
+                                                     variant=model_cfg.variant, dtype=dtype, **common)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights, **common)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights, **common)
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        hint = (
+            " It may ship only pickle (.bin) weights: set model.allow_unsafe_weights=true if you trust it."
+            if "safetensors" in str(exc).lower() and not model_cfg.allow_unsafe_weights else ""
+        )
+        raise ModelError(f"cannot load the Stable Diffusion checkpoint {path!r}: {exc}.{hint}") from exc
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, path)
+
+
+def freeze(*modules: torch.nn.Module) -> None:
+    for module in modules:
+        module.requires_grad_(False)
+        module.eval()

@@ -1,0 +1,67 @@
+"""LoRA injection through peft, with named target presets.
+
+`attn` is the diffusers training script's set (attention projections); `full` is the kohya-style
+set (attention, proj_in/proj_out, feed-forward, ResNet convolutions and time projections), which
+reaches much further into the network and memorizes (and so is attacked) far more readily.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+
+TARGET_PRESETS = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    "full": [
+        "to_q", "to_k", "to_v", "to_out.0",
+        "proj_in", "proj_out",
+        "ff.net.0.proj", "ff.net.2",
+        "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+    ],
+}
+
+
+def target_modules(targets) -> list[str]:
+    if isinstance(targets, str):
+        if targets not in TARGET_PRESETS:
+            raise ConfigError(f"unknown lora.targets preset {targets!r}; use one of {sorted(TARGET_PRESETS)} or a list of module names")
+        return list(TARGET_PRESETS[targets])
+    names = [str(t) for t in targets]
+    if not names:
+        raise ConfigError("lora.targets is an empty list; name at least one module or use a preset (attn, full)")
+    return names
+
+
+def lora_config(rank: int, alpha: float, dropout: float, targets):
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ConfigError(f"lora.rank must be >= 1 (got {rank})")
+    return LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
+                      init_lora_weights="gaussian", target_modules=target_modules(targets))
+
+
+def add_lora(model: torch.nn.Module, config, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+    """Attach a LoRA adapter (diffusers' / transformers' peft integration); returns its parameters."""
+    try:
+        if hasattr(model, "add_adapter"):
+            model.add_adapter(config, adapter_name=adapter_name)
+        else:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    except ValueError as exc:
+        raise ConfigError(f"cannot attach LoRA to {type(model).__name__}: {exc}. Check lora.targets") from exc
+    params = [p for n, p in model.named_parameters() if "lora_" in n and f".{adapter_name}." in n + "."]
+    for p in params:
+        p.requires_grad_(True)
+    if not params:
+        raise ConfigError(f"lora.targets matched no module of {type(model).__name__}; check the names")
+    return params
+
+
+def lora_state_dict(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=adapter_name)

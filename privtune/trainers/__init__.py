@@ -1,0 +1,7 @@
+"""Trainers: one Accelerate loop (base.Trainer) and one subclass per defense, picked by the recipe's `trainer:` key."""
+
+from .registry import TRAINERS, get_trainer
+
+from . import lora  # noqa: F401  (registers "lora")
+
+__all__ = ["TRAINERS", "get_trainer"]

@@ -1,0 +1,488 @@
+"""The Accelerate training loop every defense reuses.
+
+Responsibilities: the run folder (resolved config, split manifest, checkpoints, validation images,
+the exported LoRA), mixed precision, gradient accumulation, gradient checkpointing, optimizers
+(8-bit AdamW through bitsandbytes on CUDA), LR schedules, exact resume (`resume=latest`), trackers,
+and latent / text-embedding caching when the VAE and text encoder are frozen. A defense subclasses
+`Trainer` and overrides `compute_loss` (and, where it needs to, the setup hooks).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import flat, to_yaml
+from ..data.sources import load_source
+from ..data.split import Split, load_manifest, make_split, save_manifest, split_from_manifest
+from ..data.transforms import preprocess
+from ..errors import ConfigError
+from ..io import atomic_write_text
+from ..losses import denoising_loss
+from ..models.loading import Components, freeze, load_components
+from ..models.lora import add_lora, lora_config
+from .sampling import BatchSchedule
+from .. import export as exporter
+from .. import tracking
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainState:
+    """What accelerate does not checkpoint by itself: the step and our noise generator."""
+
+    def __init__(self, seed: int, rank: int):
+        self.step = 0
+        self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
+
+    def state_dict(self) -> dict:
+        return {"step": torch.tensor(self.step), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])
+
+
+@dataclass
+class Batch:
+    """One micro-batch, already on the device: latents (sampled), text conditioning, row indices."""
+
+    latents: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    rows: torch.Tensor
+
+
+class Trainer:
+    """Plain LoRA training; defenses override `compute_loss` or the hooks around it."""
+
+    name = "base"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.accelerator = None
+        self.components: Components | None = None
+        self.split: Split | None = None
+        self.metrics: dict = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> Path:
+        """Train, export and return the run folder."""
+        self.validate_config()
+        self.setup_accelerator()
+        self.check_run_dir()
+        self.setup_data()
+        self.setup_model()
+        self.setup_optimizer()
+        self.prepare()
+        self.resume_if_asked()
+        self.train()
+        self.finish()
+        return self.run_dir
+
+    def validate_config(self) -> None:
+        """Checks that need no model or data; subclasses add theirs (before anything is written)."""
+        cfg = self.cfg
+        if cfg.optim.use_8bit and not torch.cuda.is_available():
+            raise ConfigError("optim.use_8bit=true needs a CUDA GPU (bitsandbytes 8-bit AdamW); set optim.use_8bit=false on this machine")
+        if cfg.train.max_steps < 1 or cfg.train.batch_size < 1 or cfg.train.gradient_accumulation_steps < 1:
+            raise ConfigError("train.max_steps, train.batch_size and train.gradient_accumulation_steps must be >= 1")
+        if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"train.mixed_precision must be no, fp16 or bf16 (got {cfg.train.mixed_precision!r})")
+        if cfg.tracking not in ("none", "wandb", "tensorboard"):
+            raise ConfigError(f"tracking must be none, wandb or tensorboard (got {cfg.tracking!r})")
+        if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+
+    def setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        cfg = self.cfg
+        log_with = tracking.prepare(cfg.tracking)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+        )
+        set_seed(cfg.seed, device_specific=True)
+        self.device = self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def check_run_dir(self) -> None:
+        """Refuse to clobber a finished run unless asked; write the resolved config."""
+        cfg = self.cfg
+        existing = (self.run_dir / "config.yaml").exists() or (self.run_dir / "lora").exists()
+        if existing and cfg.resume is None and not cfg.overwrite:
+            raise ConfigError(
+                f"run folder {self.run_dir} already holds a run; pass resume=latest to continue it, "
+                f"output_dir=<new folder> to start another, or overwrite=true to replace its results"
+            )
+        if cfg.resume is not None and not existing and cfg.resume == "latest":
+            raise ConfigError(f"resume=latest but {self.run_dir} holds no run to resume; drop resume= to start fresh")
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ data
+    def setup_data(self) -> None:
+        cfg = self.cfg
+        source = load_source(cfg.data)
+        self.source = source
+        manifest_path = self.run_dir / "split.json"
+        if cfg.resume is not None and manifest_path.exists():
+            self.split = split_from_manifest(load_manifest(manifest_path), source.records)
+        else:
+            self.split = make_split(source.records, cfg.data.members, cfg.data.nonmembers, cfg.seed, source.description)
+            if self.is_main:
+                save_manifest(self.split, self.run_dir)
+        if source.skipped and self.is_main:
+            print(f"privtune: skipped {len(source.skipped)} bad samples (data.on_bad_sample=skip)")
+        self.train_records = self.training_records()
+
+    def training_records(self):
+        """The rows the model trains on; defenses that reshape the training set override this."""
+        return self.split.members
+
+    # ------------------------------------------------------------------ model
+    def setup_model(self) -> None:
+        cfg = self.cfg
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
+        self.weight_dtype = dtype
+        comps = load_components(cfg.model, dtype)
+        self.components = comps
+        freeze(comps.vae, comps.text_encoder, comps.unet)
+        for module in (comps.vae, comps.text_encoder, comps.unet):
+            module.to(self.device)
+        self.lora_config = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+        self.trainable = add_lora(comps.unet, self.lora_config)
+        self.text_lora_config = None
+        if cfg.lora.text_encoder:
+            self.text_lora_config = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.text_encoder_targets))
+            self.trainable += add_lora(comps.text_encoder, self.text_lora_config)
+        for p in self.trainable:
+            p.data = p.data.float()
+        if cfg.train.gradient_checkpointing:
+            comps.unet.enable_gradient_checkpointing()
+            if cfg.lora.text_encoder:
+                comps.text_encoder.gradient_checkpointing_enable()
+        comps.unet.train()
+        self.setup_inputs()
+
+    @property
+    def caches(self) -> bool:
+        cfg = self.cfg
+        return bool(cfg.train.cache_latents and not cfg.lora.text_encoder and cfg.data.center_crop)
+
+    def setup_inputs(self) -> None:
+        """Cache VAE posteriors (both orientations when flipping) and text embeddings, or prepare to encode per step."""
+        cfg = self.cfg
+        records = self.train_records
+        comps = self.components
+        self.input_ids = self.tokenize([r.caption for r in records])
+        self.cache = None
+        if not self.caches:
+            return
+        flips = (False, True) if cfg.data.random_flip else (False,)
+        moments = {}
+        with torch.no_grad():
+            for flip in flips:
+                chunks = []
+                for i in range(0, len(records), 32):
+                    pixels = torch.stack([preprocess(r.image, cfg.data.resolution, True, flip) for r in records[i:i + 32]])
+                    dist = comps.vae.encode(pixels.to(self.device, self.weight_dtype)).latent_dist
+                    chunks.append(torch.stack([dist.mean, dist.std]).float())
+                moments[flip] = torch.cat(chunks, dim=1)
+            states = torch.cat([self.encode_text(self.input_ids[i:i + 64]) for i in range(0, len(records), 64)])
+        self.cache = {"moments": moments, "text": states}
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        tok = self.components.tokenizer
+        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.components.text_encoder(input_ids.to(self.device), return_dict=False)[0]
+
+    # ------------------------------------------------------------------ optimizer
+    def optimizer_groups(self) -> list[dict]:
+        """Parameter groups; weight decay reaches only the trainable (LoRA) parameters."""
+        return [{"params": self.trainable, "weight_decay": self.cfg.optim.weight_decay}]
+
+    def setup_optimizer(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.cfg
+        kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        if cfg.optim.use_8bit:
+            import bitsandbytes as bnb
+
+            self.optimizer = bnb.optim.AdamW8bit(self.optimizer_groups(), **kwargs)
+        else:
+            self.optimizer = torch.optim.AdamW(self.optimizer_groups(), **kwargs)
+        try:
+            self.lr_scheduler = get_scheduler(
+                cfg.optim.scheduler, optimizer=self.optimizer,
+                num_warmup_steps=cfg.optim.warmup_steps * self.accelerator.num_processes,
+                num_training_steps=cfg.train.max_steps * self.accelerator.num_processes,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"optim.scheduler: {exc}") from exc
+
+    def prepare(self) -> None:
+        acc = self.accelerator
+        comps = self.components
+        if self.cfg.lora.text_encoder:
+            comps.unet, comps.text_encoder, self.optimizer, self.lr_scheduler = acc.prepare(
+                comps.unet, comps.text_encoder, self.optimizer, self.lr_scheduler)
+        else:
+            comps.unet, self.optimizer, self.lr_scheduler = acc.prepare(comps.unet, self.optimizer, self.lr_scheduler)
+        self.state = TrainState(self.cfg.seed, acc.process_index)
+        acc.register_for_checkpointing(self.state)
+        acc.register_save_state_pre_hook(self._save_hook)
+        acc.register_load_state_pre_hook(self._load_hook)
+        self.schedule = BatchSchedule(len(self.train_records), self.cfg.train.batch_size, self.cfg.seed,
+                                      acc.process_index, acc.num_processes, self.cfg.data.random_flip)
+        if self.is_main:
+            tracking.start(acc, self.cfg, self.run_dir, flat(self.cfg))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_hook(self, models, weights, output_dir) -> None:
+        """Checkpoint only the trainable parameters, not a full copy of the base model."""
+        tagged = {}
+        for i, m in enumerate(models):
+            for n, p in self.accelerator.unwrap_model(m).named_parameters():
+                if p.requires_grad:
+                    tagged[f"{i}/{n}"] = p.detach().cpu().contiguous()
+        from safetensors.torch import save_file
+
+        save_file(tagged, os.path.join(output_dir, "trainable.safetensors"))
+        while weights:
+            weights.pop()
+
+    def _load_hook(self, models, input_dir) -> None:
+        from safetensors.torch import load_file
+
+        tagged = load_file(os.path.join(input_dir, "trainable.safetensors"))
+        loaded = list(models)
+        while models:
+            models.pop()
+        for i, m in enumerate(loaded):
+            params = dict(self.accelerator.unwrap_model(m).named_parameters())
+            for key, value in tagged.items():
+                idx, name = key.split("/", 1)
+                if int(idx) == i:
+                    params[name].data.copy_(value.to(params[name].device, params[name].dtype))
+
+    def checkpoints(self) -> list[Path]:
+        root = self.run_dir / "checkpoints"
+        found = [(int(m.group(1)), p) for p in root.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def save_checkpoint(self) -> None:
+        acc = self.accelerator
+        final = self.run_dir / "checkpoints" / f"checkpoint-{self.state.step}"
+        tmp = final.with_name(final.name + ".partial")
+        if self.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            limit = self.cfg.train.checkpoints_total_limit
+            if limit:
+                for old in self.checkpoints()[:-limit]:
+                    shutil.rmtree(old)
+        acc.wait_for_everyone()
+
+    def resume_if_asked(self) -> None:
+        resume = self.cfg.resume
+        if resume is None:
+            return
+        if resume == "latest":
+            found = self.checkpoints()
+            if not found:
+                if self.is_main:
+                    print(f"privtune: no checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
+                return
+            path = found[-1]
+        else:
+            path = Path(resume)
+            if not (path / "trainable.safetensors").is_file():
+                raise ConfigError(f"resume={resume!r} is not a privtune checkpoint folder; use resume=latest or a checkpoints/checkpoint-<step> path")
+        self.accelerator.load_state(str(path))
+        if self.is_main:
+            print(f"privtune: resumed from {path} at step {self.state.step}")
+
+    # ------------------------------------------------------------------ batches and loss
+    def micro_batch(self, micro_step: int) -> Batch:
+        rows, flips = self.schedule.rows(micro_step)
+        gen = self.state.generator
+        if self.cache is not None:
+            index = torch.as_tensor(rows)
+            flip_t = torch.as_tensor(flips)
+            mean, std = self.cache["moments"][False][:, index]
+            if flip_t.any():
+                fmean, fstd = self.cache["moments"][True][:, index]
+                sel = flip_t.view(-1, 1, 1, 1).to(mean.device)
+                mean, std = torch.where(sel, fmean, mean), torch.where(sel, fstd, std)
+            eps = torch.randn(mean.shape, generator=gen).to(mean.device)
+            latents = mean + std * eps
+            states = self.cache["text"][index]
+        else:
+            cfg = self.cfg
+            pixels = torch.stack([
+                preprocess(self.train_records[r].image, cfg.data.resolution, cfg.data.center_crop, bool(f),
+                           np.random.default_rng([cfg.seed, micro_step, int(r)]))
+                for r, f in zip(rows, flips)
+            ])
+            with torch.no_grad():
+                dist = self.components.vae.encode(pixels.to(self.device, self.weight_dtype)).latent_dist
+                eps = torch.randn(dist.mean.shape, generator=gen).to(self.device)
+                latents = (dist.mean + dist.std * eps).float()
+            ids = self.input_ids[torch.as_tensor(rows)]
+            if self.cfg.lora.text_encoder:
+                states = self.encode_text(ids)
+            else:
+                with torch.no_grad():
+                    states = self.encode_text(ids)
+        latents = (latents * self.components.scaling_factor).to(self.device)
+        return Batch(latents, states.to(self.device, self.weight_dtype), torch.as_tensor(rows))
+
+    def sample_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = self.state.generator
+        n_steps = self.components.noise_scheduler.config.num_train_timesteps
+        noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+        timesteps = torch.randint(0, n_steps, (latents.shape[0],), generator=gen).to(latents.device)
+        return noise, timesteps
+
+    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """The training objective for one micro-batch; defenses override this."""
+        noise, timesteps = self.sample_noise(batch.latents)
+        per_sample = denoising_loss(self.components.unet, self.components.noise_scheduler, batch.latents,
+                                    batch.encoder_hidden_states, noise, timesteps)
+        loss = per_sample.mean()
+        return loss, {"loss": loss.detach().item()}
+
+    # ------------------------------------------------------------------ loop
+    def optimizer_step(self, micro_step: int) -> dict:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches."""
+        acc = self.accelerator
+        logs: dict = {}
+        accum = self.cfg.train.gradient_accumulation_steps
+        for a in range(accum):
+            batch = self.micro_batch(micro_step + a)
+            with acc.accumulate(self.components.unet):
+                loss, logs = self.compute_loss(batch)
+                acc.backward(loss)
+                if acc.sync_gradients and self.cfg.train.max_grad_norm:
+                    acc.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return logs
+
+    def train(self) -> None:
+        cfg = self.cfg
+        acc = self.accelerator
+        start = self.state.step
+        bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"train {self.name}", disable=not self.is_main, dynamic_ncols=True)
+        while self.state.step < cfg.train.max_steps:
+            logs = self.optimizer_step(self.state.step * cfg.train.gradient_accumulation_steps)
+            self.state.step += 1
+            step = self.state.step
+            logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+            logs.update(self.step_logs())
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if isinstance(v, float)})
+                acc.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+            if self.should_stop():
+                if self.is_main:
+                    print(f"privtune: stopping at step {step}: {self.stop_reason}")
+                break
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
+                self.save_checkpoint()
+            if cfg.train.validation_every and step % cfg.train.validation_every == 0 and step < cfg.train.max_steps:
+                self.validate(step)
+        bar.close()
+
+    stop_reason = ""
+
+    def step_logs(self) -> dict:
+        """Extra per-step numbers a defense wants logged (e.g. epsilon spent)."""
+        return {}
+
+    def should_stop(self) -> bool:
+        """A defense may end training early (a spent privacy budget); everything is still saved."""
+        return False
+
+    # ------------------------------------------------------------------ validation and export
+    def pipeline(self):
+        """A StableDiffusionPipeline over the current (LoRA-adapted) components, for sampling."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        comps = self.components
+        pipe = StableDiffusionPipeline(
+            vae=comps.vae, text_encoder=self.accelerator.unwrap_model(comps.text_encoder), tokenizer=comps.tokenizer,
+            unet=self.accelerator.unwrap_model(comps.unet),
+            scheduler=DDIMScheduler.from_config(comps.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def validation_prompts(self) -> list[str]:
+        prompts = self.cfg.train.validation_prompts
+        return list(prompts) if prompts else [r.caption for r in self.split.members[:4]]
+
+    def validate(self, step: int) -> Path | None:
+        if not self.is_main:
+            self.accelerator.wait_for_everyone()
+            return None
+        cfg = self.cfg
+        unet = self.accelerator.unwrap_model(self.components.unet)
+        unet.eval()
+        prompts = self.validation_prompts()
+        with torch.no_grad():
+            images = self.pipeline()(
+                prompts, num_inference_steps=cfg.train.validation_inference_steps,
+                guidance_scale=cfg.train.validation_guidance_scale,
+                generator=torch.Generator().manual_seed(cfg.seed),
+                height=cfg.data.resolution, width=cfg.data.resolution,
+            ).images
+        unet.train()
+        path = exporter.save_image_grid(images, prompts, self.run_dir / "validation" / f"step-{step:06d}.png")
+        tracking.log_images(self.accelerator, "validation", images, prompts, step)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def finish(self) -> None:
+        """Final validation images, then the LoRA export; defenses may add their reports."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if self.cfg.train.validation_every:
+            self.validate(self.state.step)
+        if self.is_main:
+            exporter.export_lora(self)
+        acc.wait_for_everyone()
+        self.after_export()
+        acc.end_training()
+
+    def after_export(self) -> None:
+        """Hook run on every process after the LoRA is written (the evaluation stage plugs in here)."""
+
