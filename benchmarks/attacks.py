@@ -1,0 +1,112 @@
+"""Throughput of the MIAs against a tiny random-weight UNet2DConditionModel.
+
+For each attack it prints samples/s, UNet evaluations (NFE) per sample, and the ratio of the
+attack's NFE/s to the raw batched UNet forward throughput at the same batch size, measured right
+before it in the same process (goal >= 0.9: the attack's own arithmetic should be negligible).
+
+    python benchmarks/attacks.py --n 256 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from privtune.eval.attacks import ATTACKS, AttackTarget, EncodedSamples
+from privtune.eval.primitives import UNetPredictor
+
+SETTINGS = {
+    "loss": {"timesteps": [100], "draws": 4},
+    "secmi": {"t_sec": 150, "k": 10},
+    "secmi_nn": {"t_sec": 150, "k": 10, "epochs": 3},
+    "pia": {"timesteps": [200]},
+    "pian": {"timesteps": [200]},
+}
+
+
+def tiny_unet(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
+    )
+    return unet.to(device=device, dtype=dtype).eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def raw_throughput(unet, samples: EncodedSamples, batch_size: int, n_calls: int, device) -> float:
+    """NFE/s of plain batched forwards over the same batches an attack would see."""
+    dtype = next(unet.parameters()).dtype
+    batches = [b.to(device) for b in samples.batches(batch_size)]
+    t = torch.full((batch_size,), 100, device=device)
+    unet(batches[0].latents.to(dtype), t[: len(batches[0])], encoder_hidden_states=batches[0].cond.to(dtype))
+    sync(device)
+    start, rows = time.perf_counter(), 0
+    for i in range(n_calls):
+        b = batches[i % len(batches)]
+        unet(b.latents.to(dtype), t[: len(b)], encoder_hidden_states=b.cond.to(dtype))
+        rows += len(b)
+    sync(device)
+    return rows / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=256, help="samples scored per attack")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--attacks", default=",".join(SETTINGS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU default 1)")
+    args = ap.parse_args()
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+
+    device = torch.device(args.device)
+    unet = tiny_unet(device, getattr(torch, args.dtype))
+    from diffusers import DDPMScheduler
+
+    ac = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    g = torch.Generator().manual_seed(0)
+
+    def samples(n: int, prefix: str) -> EncodedSamples:
+        return EncodedSamples(torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 8, 64, generator=g),
+                              [f"{prefix}{i}" for i in range(n)]).to(device)
+
+    data = samples(args.n, "q")
+    target = AttackTarget(UNetPredictor(unet), ac.to(device), device=device)
+    print(f"device={device} dtype={args.dtype} n={args.n} batch_size={args.batch_size} threads={torch.get_num_threads()}")
+    print(f"{'attack':<10} {'samples/s':>10} {'NFE/sample':>10} {'attack NFE/s':>13} {'UNet NFE/s':>11} {'ratio':>6}")
+    for name in args.attacks.split(","):
+        attack = ATTACKS.get(name)(**SETTINGS.get(name, {}))
+        if name == "secmi_nn":
+            attack.calibrate(target, samples(32, "cm"), samples(32, "cn"), batch_size=args.batch_size, progress=False)
+        attack.score(target, data.subset(range(min(len(data), args.batch_size))), args.batch_size, progress=False)
+        best_attack, best_raw = float("inf"), 0.0
+        for _ in range(args.repeats):
+            sync(device)
+            start = time.perf_counter()
+            res = attack.score(target, data, args.batch_size, progress=False)
+            sync(device)
+            best_attack = min(best_attack, time.perf_counter() - start)
+            calls = int(round(res.nfe_per_sample * -(-args.n // args.batch_size)))
+            best_raw = max(best_raw, raw_throughput(unet, data, args.batch_size, calls, device))
+        nfe_s = res.nfe_per_sample * args.n / best_attack
+        print(
+            f"{name:<10} {args.n / best_attack:>10.1f} {res.nfe_per_sample:>10.2f} {nfe_s:>13.1f} "
+            f"{best_raw:>11.1f} {nfe_s / best_raw:>6.3f}"
+        )
+
+if __name__ == "__main__":
+    main()

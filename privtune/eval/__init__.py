@@ -1,0 +1,1 @@
+"""Evaluation stage: membership-inference attacks on a fine-tuned target, and their metrics."""

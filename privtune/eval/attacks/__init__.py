@@ -1,0 +1,6 @@
+"""Membership-inference attacks; importing this package registers each one in `ATTACKS`."""
+
+from . import loss, pia, secmi
+from .base import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples
+
+__all__ = ["ATTACKS", "Attack", "AttackScores", "AttackTarget", "EncodedSamples", "loss", "pia", "secmi"]

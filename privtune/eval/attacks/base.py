@@ -1,0 +1,166 @@
+"""Shared types of the membership-inference attacks: pre-encoded samples, the attacked target,
+score containers, the `Attack` base class and the `ATTACKS` registry.
+
+Score convention (specs/attacks.md §0.3): every attack returns `scores` in which **higher means
+"more likely a member"**, plus the `raw` statistic it was derived from (e.g. a loss, where lower
+means member). Attacks only ever fit anything (a timestep, a classifier) in `calibrate`, on the
+labelled calibration split; `score` is a pure function of the fitted attack and the samples.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Hashable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ...errors import ConfigError, DataError
+from ...registry import Registry
+from ..primitives import NFECounter, NoisePredictor
+
+ATTACKS: Registry[type["Attack"]] = Registry("attack")
+
+
+@dataclass
+class EncodedSamples:
+    """Samples already in the model's input space: latents [N,C,H,W], text conditions [N,L,D]
+    and one unique string id per sample (ids drive per-sample noise and the leakage checks)."""
+
+    latents: Tensor
+    cond: Tensor
+    ids: list[str]
+
+    def __post_init__(self) -> None:
+        self.ids = [str(i) for i in self.ids]
+        n = len(self.ids)
+        if self.latents.shape[0] != n or self.cond.shape[0] != n:
+            raise DataError(
+                f"EncodedSamples: {self.latents.shape[0]} latents, {self.cond.shape[0]} conditions and "
+                f"{n} ids; all three must have one entry per sample"
+            )
+        if self.latents.dim() != 4 or self.cond.dim() != 3:
+            raise DataError("EncodedSamples: latents must be [N,C,H,W] and cond [N,L,D]")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: Sequence[int] | np.ndarray | Tensor) -> "EncodedSamples":
+        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
+        return EncodedSamples(
+            self.latents[idx.to(self.latents.device)], self.cond[idx.to(self.cond.device)],
+            [self.ids[i] for i in idx.tolist()],
+        )
+
+    def to(self, device: torch.device | str | None) -> "EncodedSamples":
+        if device is None:
+            return self
+        return EncodedSamples(self.latents.to(device), self.cond.to(device), self.ids)
+
+    @staticmethod
+    def concat(parts: Sequence["EncodedSamples"]) -> "EncodedSamples":
+        return EncodedSamples(
+            torch.cat([p.latents for p in parts]), torch.cat([p.cond for p in parts]),
+            [i for p in parts for i in p.ids],
+        )
+
+    def batches(self, batch_size: int) -> Iterator["EncodedSamples"]:
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        for lo in range(0, len(self), batch_size):
+            sl = slice(lo, lo + batch_size)
+            yield EncodedSamples(self.latents[sl], self.cond[sl], self.ids[sl])
+
+
+@dataclass
+class AttackTarget:
+    """What a gray-box attacker queries: a noise predictor and the target scheduler's ᾱ_t.
+    Batches are moved to `device` (default: where the latents already are)."""
+
+    predictor: NoisePredictor
+    alphas_cumprod: Tensor
+    device: torch.device | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.alphas_cumprod.dim() != 1:
+            raise ConfigError("alphas_cumprod must be the 1-D ᾱ_t tensor of the target's scheduler")
+        if self.device is not None:
+            self.alphas_cumprod = self.alphas_cumprod.to(self.device)
+
+
+@dataclass
+class AttackScores:
+    """Per-sample results; `scores` are higher-is-member, `raw` is the attack's own statistic."""
+
+    scores: np.ndarray
+    raw: np.ndarray
+    nfe_per_sample: float
+    ids: list[str] = field(default_factory=list)
+    labels: np.ndarray | None = None
+
+
+def member_labels(n_members: int, n_nonmembers: int) -> np.ndarray:
+    return np.concatenate([np.ones(n_members, dtype=np.int64), np.zeros(n_nonmembers, dtype=np.int64)])
+
+
+def map_batches(
+    target: AttackTarget,
+    samples: EncodedSamples,
+    fn: Callable[[AttackTarget, EncodedSamples], dict[Hashable, Tensor]],
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "",
+) -> tuple[dict[Hashable, np.ndarray], float]:
+    """Applies `fn` batch by batch behind an NFE counter; returns the concatenated per-sample
+    outputs (each key -> array [N, ...]) and UNet evaluations per sample."""
+    counter = NFECounter(target.predictor)
+    counted = replace(target, predictor=counter)
+    outs: dict[Hashable, list[np.ndarray]] = defaultdict(list)
+    n_batches = -(-len(samples) // batch_size)
+    for batch in tqdm(samples.batches(batch_size), total=n_batches, desc=desc, disable=not progress, leave=False):
+        batch = batch.to(target.device)
+        for key, value in fn(counted, batch).items():
+            outs[key].append(value.detach().float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in outs.items()}, counter.per_sample(len(samples))
+
+
+def best_by_auc(candidates: dict[Any, np.ndarray], labels: np.ndarray) -> tuple[Any, dict[str, float]]:
+    """The candidate whose higher-is-member scores have the largest AUC (first one on ties)."""
+    from ..metrics import auc
+
+    aucs = {k: auc(v, labels) for k, v in candidates.items()}
+    best = max(aucs, key=lambda k: (aucs[k], -list(aucs).index(k)))
+    return best, {str(k): v for k, v in aucs.items()}
+
+
+class Attack:
+    """Base class. Subclasses implement `_score_batch` (-> {"score": [B], "raw": [B]}) and, when
+    they fit anything, `calibrate`. `calibrate` may return scores on (a held-out part of) the
+    calibration samples, with labels, for the runner's threshold fit; None means "score the
+    calibration split with `score`"."""
+
+    name = "attack"
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
+
+    def calibrate(
+        self, target: AttackTarget, members: EncodedSamples, nonmembers: EncodedSamples,
+        batch_size: int = 32, progress: bool = True,
+    ) -> AttackScores | None:
+        return None
+
+    def score(
+        self, target: AttackTarget, samples: EncodedSamples, batch_size: int = 32, progress: bool = True
+    ) -> AttackScores:
+        out, nfe = map_batches(target, samples, self._score_batch, batch_size, progress, desc=self.name)
+        return AttackScores(out["score"], out["raw"], nfe, ids=list(samples.ids))
+
+    def _score_batch(self, target: AttackTarget, batch: EncodedSamples) -> dict[Hashable, Tensor]:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return {"seed": self.seed}

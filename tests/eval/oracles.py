@@ -1,0 +1,81 @@
+"""The two closed-form noise predictors of specs/attacks.md §0.4, as NoisePredictors.
+
+* MemorizingOracle: the exact ε-optimum for the empirical distribution of a training set, so every
+  attack must separate its training points from fresh ones (AUC ≈ 1).
+* GaussianOracle: the exact ε-optimum for N(μ, s²I), which memorizes nothing (AUC ≈ 0.5).
+
+Both compute in float64 and return x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _coeffs(alphas_cumprod: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    ac = alphas_cumprod.to(dtype=torch.float64, device=t.device)[t].reshape(-1, 1, 1, 1)
+    return ac.sqrt(), (1.0 - ac).sqrt()
+
+
+class MemorizingOracle:
+    """ε*(x_t, t) = (x_t − sqrt(ᾱ_t)·m)/σ_t, m the posterior mean over the training points with
+    weights ∝ exp(−‖x_t − sqrt(ᾱ_t)x_i‖²/(2σ_t²)). With `conds` given, only training points whose
+    condition equals the query's are used; with no match (∅ or an unseen caption) all are."""
+
+    def __init__(self, train: Tensor, alphas_cumprod: Tensor, conds: Tensor | None = None):
+        self.train = train.to(torch.float64)
+        self.conds = conds
+        self.alphas_cumprod = alphas_cumprod
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        a, sig = _coeffs(self.alphas_cumprod, t)
+        xd = x.to(torch.float64)
+        flat_x = xd.flatten(1)
+        flat_s = self.train.flatten(1)
+        a2, sig2 = a.reshape(-1, 1), sig.reshape(-1, 1)
+        d2 = (flat_x.pow(2).sum(1, keepdim=True) - 2 * a2 * flat_x @ flat_s.T + a2.pow(2) * flat_s.pow(2).sum(1))
+        logits = -d2 / (2 * sig2.pow(2))
+        if self.conds is not None:
+            match = (cond.flatten(1)[:, None, :] == self.conds.flatten(1)[None, :, :]).all(-1)
+            match = torch.where(match.any(1, keepdim=True), match, torch.ones_like(match))
+            logits = logits.masked_fill(~match, float("-inf"))
+        m = (torch.softmax(logits, dim=1) @ flat_s).reshape(xd.shape)
+        return ((xd - a * m) / sig).to(x.dtype)
+
+
+class GaussianOracle:
+    """ε̂ for data ~ N(μ, s²I): E[x0|x_t] = μ + sqrt(ᾱ)s²/(ᾱs² + σ²)·(x_t − sqrt(ᾱ)μ)."""
+
+    def __init__(self, mean: float | Tensor, std: float, alphas_cumprod: Tensor):
+        self.mean = torch.as_tensor(mean, dtype=torch.float64)
+        self.var = float(std) ** 2
+        self.alphas_cumprod = alphas_cumprod
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        a, sig = _coeffs(self.alphas_cumprod, t)
+        xd = x.to(torch.float64)
+        x0 = self.mean + a * self.var / (a.pow(2) * self.var + sig.pow(2)) * (xd - a * self.mean)
+        return ((xd - a * x0) / sig).to(x.dtype)
+
+
+class ConstantEps:
+    """Returns a fixed ε regardless of x, t and cond: DDIM transfers then compose exactly."""
+
+    def __init__(self, eps: Tensor):
+        self.eps = eps
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return self.eps.expand_as(x).to(x.dtype)
+
+
+class DoubledNFE:
+    """Declares 2 NFE per call, like a UNetPredictor under classifier-free guidance."""
+
+    nfe_per_call = 2
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return self.predictor(x, t, cond)

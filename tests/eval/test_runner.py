@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from privtune.errors import ConfigError, DataError
+from privtune.eval.attacks import AttackTarget, EncodedSamples
+from privtune.eval.runner import CalibrationSplit, run_attacks, split_calibration
+
+from .oracles import MemorizingOracle
+
+
+def test_split_is_disjoint_deterministic_and_covering(members, nonmembers):
+    a = split_calibration(members, nonmembers, 0.25, seed=5)
+    b = split_calibration(members, nonmembers, 0.25, seed=5)
+    assert a.calibration_members.ids == b.calibration_members.ids
+    assert len(a.calibration_members) == 8 and len(a.report_nonmembers) == 24
+    assert not set(a.calibration_members.ids) & set(a.report_members.ids)
+    assert set(a.calibration_members.ids) | set(a.report_members.ids) == set(members.ids)
+    assert split_calibration(members, nonmembers, 0.25, seed=6).calibration_members.ids != a.calibration_members.ids
+    with pytest.raises(ConfigError):
+        split_calibration(members, nonmembers, 1.0)
+
+
+def test_run_attacks_result_layout(alphas_cumprod, members, nonmembers):
+    target = AttackTarget(MemorizingOracle(members.latents, alphas_cumprod), alphas_cumprod)
+    out = run_attacks(
+        target, members, nonmembers, ["loss", "secmi", "pia"],
+        {"loss": {"timesteps": [100, 200], "draws": 1}, "secmi": {"t_sec": 60, "k": 20}},
+        batch_size=16, n_bootstrap=50, progress=False,
+    )
+    json.dumps(out)
+    assert out["protocol"]["n_report"] == {"members": 16, "nonmembers": 16}
+    split = split_calibration(members, nonmembers, 0.5, 0)
+    report_ids = split.report_members.ids + split.report_nonmembers.ids
+    for name, res in out["attacks"].items():
+        assert res["samples"]["ids"] == report_ids
+        assert res["samples"]["labels"] == [1] * 16 + [0] * 16
+        assert res["metrics"]["auc"]["value"] >= 0.95
+        assert res["metrics"]["warnings"]
+        assert set(res["calibrated_threshold"]) >= {"threshold", "accuracy", "tpr", "fpr"}
+    assert out["attacks"]["loss"]["nfe_per_sample"] == 1
+    assert out["attacks"]["loss"]["calibration_nfe_per_sample"] == 2
+    assert out["attacks"]["secmi"]["nfe_per_sample"] == 4
+    assert out["attacks"]["pia"]["nfe_per_sample"] == 2
+    assert out["attacks"]["pia"]["params"]["t"] in (100, 200, 300, 500)
+
+
+def test_run_attacks_secmi_nn_threshold_uses_held_out_calibration(alphas_cumprod, members, nonmembers):
+    target = AttackTarget(MemorizingOracle(members.latents, alphas_cumprod), alphas_cumprod)
+    out = run_attacks(
+        target, members, nonmembers, ["secmi_nn"], {"secmi_nn": {"t_sec": 40, "k": 20, "epochs": 5}},
+        n_bootstrap=20, progress=False,
+    )
+    res = out["attacks"]["secmi_nn"]
+    assert res["calibrated_threshold"]["n_threshold_fit"] == 8
+    assert res["params"]["n_fit"] == 24
+
+
+def test_overlapping_ids_are_rejected(alphas_cumprod, members, nonmembers):
+    target = AttackTarget(MemorizingOracle(members.latents, alphas_cumprod), alphas_cumprod)
+    clash = EncodedSamples(nonmembers.latents, nonmembers.cond, members.ids[:1] + nonmembers.ids[1:])
+    with pytest.raises(DataError, match="both members and non-members"):
+        run_attacks(target, members, clash, ["pia"], progress=False)
+    split = split_calibration(members, nonmembers, 0.5, 0)
+    leaky = CalibrationSplit(
+        split.calibration_members, split.calibration_nonmembers,
+        EncodedSamples.concat([split.report_members, split.calibration_members.subset([0])]),
+        split.report_nonmembers,
+    )
+    with pytest.raises(DataError, match="calibration and the report"):
+        run_attacks(target, members, nonmembers, ["pia"], split=leaky, progress=False)
+    dup = EncodedSamples(members.latents, members.cond, members.ids[:-1] + members.ids[:1])
+    with pytest.raises(DataError, match="duplicate"):
+        run_attacks(target, dup, nonmembers, ["pia"], progress=False)
+
+
+def test_unknown_attack_or_setting(alphas_cumprod, members, nonmembers):
+    target = AttackTarget(MemorizingOracle(members.latents, alphas_cumprod), alphas_cumprod)
+    with pytest.raises(ConfigError, match="secmi_nn"):
+        run_attacks(target, members, nonmembers, ["lossy"], progress=False)
+    with pytest.raises(ConfigError, match="valid settings"):
+        run_attacks(target, members, nonmembers, ["pia"], {"pia": {"tt": 3}}, progress=False)
