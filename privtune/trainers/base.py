@@ -80,6 +80,7 @@ class Trainer:
         self.check_run_dir()
         self.setup_data()
         self.setup_model()
+        self.write_run_files()
         self.setup_optimizer()
         self.prepare()
         self.resume_if_asked()
@@ -121,7 +122,7 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def check_run_dir(self) -> None:
-        """Refuse to clobber a finished run unless asked; write the resolved config."""
+        """Refuse to clobber a finished run unless asked. Nothing is written until data and model load."""
         cfg = self.cfg
         existing = (self.run_dir / "config.yaml").exists() or (self.run_dir / "lora").exists()
         if existing and cfg.resume is None and not cfg.overwrite:
@@ -131,9 +132,14 @@ class Trainer:
             )
         if cfg.resume is not None and not existing and cfg.resume == "latest":
             raise ConfigError(f"resume=latest but {self.run_dir} holds no run to resume; drop resume= to start fresh")
+
+    def write_run_files(self) -> None:
+        """The resolved config and the split manifest, once inputs are known to be good."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
+            if not self.resumed_split:
+                save_manifest(self.split, self.run_dir)
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ data
@@ -142,12 +148,11 @@ class Trainer:
         source = load_source(cfg.data)
         self.source = source
         manifest_path = self.run_dir / "split.json"
-        if cfg.resume is not None and manifest_path.exists():
+        self.resumed_split = cfg.resume is not None and manifest_path.exists()
+        if self.resumed_split:
             self.split = split_from_manifest(load_manifest(manifest_path), source.records)
         else:
             self.split = make_split(source.records, cfg.data.members, cfg.data.nonmembers, cfg.seed, source.description)
-            if self.is_main:
-                save_manifest(self.split, self.run_dir)
         if source.skipped and self.is_main:
             print(f"privtune: skipped {len(source.skipped)} bad samples (data.on_bad_sample=skip)")
         self.train_records = self.training_records()
@@ -296,6 +301,8 @@ class Trainer:
         tmp = final.with_name(final.name + ".partial")
         if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
+        if self.is_main:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
@@ -420,6 +427,7 @@ class Trainer:
             if cfg.train.validation_every and step % cfg.train.validation_every == 0 and step < cfg.train.max_steps:
                 self.validate(step)
         bar.close()
+        self.save_checkpoint()
 
     stop_reason = ""
 

@@ -1,0 +1,77 @@
+"""Shared fixtures: the embedded tiny model, a fresh Accelerate state per run, small image folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-global state; reset it so in-process runs do not leak settings."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def make_image_folder(root: Path, n: int = 12, size: int = 32, captions=None, seed: int = 0) -> Path:
+    """A diffusers-style image folder: n PNGs of random blocks plus metadata.jsonl."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        pixels = (rng.random((4, 4, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).resize((size, size), Image.NEAREST).save(root / f"img{i:03d}.png")
+        caption = captions[i] if captions is not None else f"a picture number {i}"
+        lines.append(json.dumps({"file_name": f"img{i:03d}.png", "caption": caption}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def train_args(run_dir: Path, *extra: str, steps: int = 6) -> list[str]:
+    """Arguments for a fast in-process training run on the embedded defaults."""
+    return [
+        "recipe=lora", f"output_dir={run_dir}", f"train.max_steps={steps}", "train.batch_size=4",
+        "data.members=8", "data.nonmembers=8", "lora.rank=4", "lora.alpha=4",
+        "train.validation_every=0", "train.checkpoint_every=0", "train.log_every=1", *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory) -> str:
+    """The shipped tiny SD; a randomly initialised one of the same architecture if it is not built yet."""
+    from privtune.models.loading import EMBEDDED_MODEL
+
+    if (EMBEDDED_MODEL / "model_index.json").is_file():
+        return str(EMBEDDED_MODEL)
+    import datasets
+    from diffusers import StableDiffusionPipeline
+
+    from privtune.data.sources import EMBEDDED_DATA
+    from privtune.models import tiny
+
+    out = tmp_path_factory.mktemp("tiny-sd")
+    tok = tiny.build_tokenizer(datasets.Dataset.from_parquet(str(EMBEDDED_DATA))["caption"])
+    pipe = StableDiffusionPipeline(
+        vae=tiny.build_vae(), text_encoder=tiny.build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id),
+        tokenizer=tok, unet=tiny.build_unet(), scheduler=tiny.build_sample_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    return str(out)

@@ -1,0 +1,60 @@
+"""Recipes, overrides and the CLI's errors."""
+
+import pytest
+
+from privtune.config import available_recipes, load_config, parse_overrides
+from privtune.errors import ConfigError
+from privtune.train import main
+
+
+def test_recipe_defaults_and_override():
+    cfg = load_config("lora", ["train.max_steps=7", "lora.targets=attn"])
+    assert cfg.trainer == "lora" and cfg.train.max_steps == 7 and cfg.lora.targets == "attn"
+    assert cfg.output_dir == "runs/lora"
+
+
+def test_unknown_recipe_lists_valid_ones():
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'.*lora"):
+        load_config("nope")
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.max_step'.*train.max_steps"):
+        load_config("lora", ["train.max_step=3"])
+    with pytest.raises(ConfigError, match="unknown key 'bogus'"):
+        load_config("lora", ["bogus=1"])
+
+
+def test_user_yaml_inherits_and_is_checked(tmp_path):
+    good = tmp_path / "mine.yaml"
+    good.write_text("inherits: lora\ntrain:\n  max_steps: 42\n")
+    assert load_config(str(good)).train.max_steps == 42
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inherits: lora\ntrain:\n  maxsteps: 42\n")
+    with pytest.raises(ConfigError, match="unknown key 'train.maxsteps'"):
+        load_config(str(bad))
+
+
+def test_overrides_need_key_value():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["max_steps"])
+
+
+def test_help_lists_recipes_and_keys(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in available_recipes():
+        assert name in out
+    assert "model.base" in out and "train.max_steps" in out
+
+
+def test_cli_reports_bad_input_without_traceback(capsys):
+    assert main(["recipe=nope"]) == 2
+    assert "unknown recipe" in capsys.readouterr().err
+
+
+def test_8bit_on_cpu_is_a_clear_error(tmp_path, capsys):
+    assert main(["recipe=lora", f"output_dir={tmp_path / 'run'}", "optim.use_8bit=true"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.use_8bit" in err and "CUDA" in err
+    assert not (tmp_path / "run").exists()

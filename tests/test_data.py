@@ -1,0 +1,93 @@
+"""Data sources, validation errors, and the member / non-member split."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from privtune.config import load_config
+from privtune.data.sources import load_source
+from privtune.data.split import check_disjoint, load_manifest, make_split, save_manifest, split_from_manifest
+from privtune.errors import DataError
+
+from .conftest import make_image_folder
+
+
+def data_cfg(**kw):
+    cfg = OmegaConf.to_container(load_config("lora").data)
+    cfg.update(kw)
+    return OmegaConf.create(cfg)
+
+
+def test_embedded_pool_loads_with_groups():
+    src = load_source(data_cfg())
+    assert len(src.records) == 480
+    assert all(r.caption and r.image.size == (32, 32) for r in src.records)
+    assert len({r.group for r in src.records}) < len(src.records)  # skin-tone variants share a group
+
+
+def test_imagefolder(tmp_path):
+    folder = make_image_folder(tmp_path / "data", n=10)
+    src = load_source(data_cfg(source=str(folder)))
+    assert [r.id for r in src.records][:2] == ["img000.png", "img001.png"]
+    assert src.records[3].caption == "a picture number 3"
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_source(data_cfg(source=str(tmp_path / "nowhere")))
+
+
+def test_corrupt_image_names_the_file_and_skip_counts(tmp_path):
+    folder = make_image_folder(tmp_path / "data", n=6)
+    (folder / "img002.png").write_bytes(b"this is not a png")
+    with pytest.raises(DataError, match=r"corrupt image .*img002\.png.*on_bad_sample=skip"):
+        load_source(data_cfg(source=str(folder)))
+    src = load_source(data_cfg(source=str(folder), on_bad_sample="skip"))
+    assert len(src.records) == 5 and len(src.skipped) == 1 and src.skipped[0]["id"] == "img002.png"
+
+
+def test_empty_caption_names_the_file(tmp_path):
+    folder = make_image_folder(tmp_path / "data", n=4, captions=["a", "  ", "c", "d"])
+    with pytest.raises(DataError, match=r"empty caption .*img001\.png"):
+        load_source(data_cfg(source=str(folder)))
+
+
+def test_empty_data_set(tmp_path):
+    folder = make_image_folder(tmp_path / "data", n=3, captions=["", "", ""])
+    with pytest.raises(DataError, match="no usable samples"):
+        load_source(data_cfg(source=str(folder), on_bad_sample="skip"))
+
+
+def test_split_is_seeded_disjoint_and_keeps_groups():
+    records = load_source(data_cfg()).records
+    a = make_split(records, 40, 40, seed=3)
+    b = make_split(records, 40, 40, seed=3)
+    c = make_split(records, 40, 40, seed=4)
+    assert [r.id for r in a.members] == [r.id for r in b.members]
+    assert [r.id for r in a.members] != [r.id for r in c.members]
+    assert len(a.members) == 40 and len(a.nonmembers) == 40
+    assert not {r.group for r in a.members} & {r.group for r in a.nonmembers}
+
+
+def test_too_many_members_is_clear():
+    records = load_source(data_cfg()).records
+    with pytest.raises(DataError, match=r"exceeds the 480 usable samples"):
+        make_split(records, 400, 100, seed=0)
+
+
+def test_manifest_round_trip_and_overlap_refused(tmp_path):
+    records = load_source(data_cfg()).records
+    split = make_split(records, 16, 16, seed=0)
+    save_manifest(split, tmp_path)
+    again = split_from_manifest(load_manifest(tmp_path), records)
+    assert [r.sha256 for r in again.members] == [r.sha256 for r in split.members]
+    manifest = split.manifest()
+    manifest["nonmembers"].append(manifest["members"][0])
+    import json
+
+    (tmp_path / "bad.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="overlap"):
+        load_manifest(tmp_path / "bad.json")
+    with pytest.raises(DataError, match="overlap"):
+        check_disjoint(split.members, split.members[:1])
