@@ -1,0 +1,478 @@
+"""The evaluation report of one run: `report.json` (machine-readable), `report.md` (for people),
+ROC and score-histogram plots, and the same numbers logged to the Accelerate trackers.
+
+The report keeps everything needed to audit or re-plot a run (config, protocol, per-sample report
+scores); the public model card (`card.py`) is built from it and strips what must not leave the
+machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from .. import __version__, tracking
+from ..io import atomic_path, atomic_write_json, atomic_write_text
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PLOTS_DIR = "plots"
+ROC_PNG = "roc.png"
+METRICS = ("auc", "asr", "tpr@1%fpr", "tpr@0.1%fpr")
+SUMMARY_METRICS = ("auc", "tpr@1%fpr", "tpr@0.1%fpr")
+METRIC_LABELS = {"auc": "AUC", "asr": "ASR", "tpr@1%fpr": "TPR@1%FPR", "tpr@0.1%fpr": "TPR@0.1%FPR"}
+
+
+def _jsonable(obj: Any) -> Any:
+    """A detached, JSON-safe copy, so the report never aliases or chokes on the caller's objects."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def flat_numbers(obj: Any, prefix: str = "") -> dict[str, float]:
+    """Dotted key -> number of every numeric leaf of a nested dict (utility and privacy numbers)."""
+    out: dict[str, float] = {}
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.update(flat_numbers(v, f"{prefix}{k}."))
+    elif _is_number(obj):
+        out[prefix[:-1]] = float(obj)
+    return out
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    """A metric value with fixed decimals; n/a when missing or not finite."""
+    if not _is_number(v) or not math.isfinite(v):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def fmt_num(v: Any) -> str:
+    """A free-range number (utility, epsilon, delta) with 4 significant digits."""
+    if isinstance(v, bool) or not _is_number(v):
+        return "n/a" if v is None else str(v)
+    return f"{v:.4g}"
+
+
+def fmt_delta(v: Any) -> str:
+    return "n/a" if not _is_number(v) or not math.isfinite(v) else f"{v:+.4g}"
+
+
+def fmt_ci(metric: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """`value [lo, hi]` of a metrics entry, or just the value when it has no CI."""
+    if not metric:
+        return "n/a"
+    text = fmt(metric.get("value"), digits)
+    ci = metric.get("ci")
+    if ci and len(ci) == 2:
+        text += f" [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
+    return text
+
+
+def fmt_settings(settings: Mapping[str, Any] | None) -> str:
+    """`k=v, k=v` of a flat or nested settings dict; `none` when empty."""
+    if not settings:
+        return "none"
+    parts = []
+    for k, v in settings.items():
+        if isinstance(v, Mapping):
+            parts.extend(f"{k}.{kk}={vv}" for kk, vv in v.items())
+        else:
+            parts.append(f"{k}={fmt_num(v) if _is_number(v) else v}")
+    return ", ".join(parts)
+
+
+def md_cell(v: Any) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(columns: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(md_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _defense(defense: Mapping[str, Any] | None, config: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"name", "settings"}` from `{"name", "settings"}` or a flat settings dict; the name
+    defaults to the settings' or the config's trainer."""
+    defense = dict(defense or {})
+    trainer = defense.pop("trainer", None)
+    name = defense.pop("name", None) or trainer or config.get("trainer") or "none"
+    settings = defense.pop("settings", None)
+    if settings is None:
+        settings = defense
+    return {"name": str(name), "settings": dict(settings)}
+
+
+def _summary(attacks: Mapping[str, Any]) -> dict[str, Any]:
+    """The attack with the highest report-split AUC: the run's headline privacy number."""
+    scored = [(n, a) for n, a in attacks.items() if _is_number(a.get("metrics", {}).get("auc", {}).get("value"))]
+    if not scored:
+        return {"best_attack": None, "n_attacks": len(attacks)}
+    name, best = max(scored, key=lambda item: item[1]["metrics"]["auc"]["value"])
+    entry: dict[str, Any] = {"name": name}
+    for m in SUMMARY_METRICS:
+        metric = best["metrics"].get(m) or {}
+        entry[m] = {"value": metric.get("value"), "ci": metric.get("ci")}
+    return {"best_attack": entry, "n_attacks": len(attacks)}
+
+
+def best_attack(report: Mapping[str, Any]) -> dict[str, Any]:
+    """`summary.best_attack` ({name, auc, tpr@1%fpr, tpr@0.1%fpr}), or {} when no attack ran."""
+    return (report.get("summary") or {}).get("best_attack") or {}
+
+
+def _delta(run: Any, base: Any) -> float | None:
+    return run - base if _is_number(run) and _is_number(base) else None
+
+
+def compare(report: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, Any]:
+    """Best AUC and every utility number of `report` against `baseline` (another report), with deltas."""
+    run_best, base_best = best_attack(report), best_attack(baseline)
+    run_auc = (run_best.get("auc") or {}).get("value")
+    base_auc = (base_best.get("auc") or {}).get("value")
+    run_u, base_u = flat_numbers(report.get("utility") or {}), flat_numbers(baseline.get("utility") or {})
+    utility = {}
+    for key in [*run_u, *(k for k in base_u if k not in run_u)]:
+        utility[key] = {"run": run_u.get(key), "baseline": base_u.get(key), "delta": _delta(run_u.get(key), base_u.get(key))}
+    return {
+        "baseline": {
+            "defense": (baseline.get("defense") or {}).get("name"),
+            "created": baseline.get("created"),
+            "privtune_version": baseline.get("privtune_version"),
+        },
+        "best_auc": {
+            "run": run_auc, "baseline": base_auc, "delta": _delta(run_auc, base_auc),
+            "run_attack": run_best.get("name"), "baseline_attack": base_best.get("name"),
+            "run_ci": (run_best.get("auc") or {}).get("ci"), "baseline_ci": (base_best.get("auc") or {}).get("ci"),
+        },
+        "utility": utility,
+    }
+
+
+def build_report(
+    *,
+    config: dict,
+    attacks_result: dict,
+    utility: dict | None,
+    privacy: dict | None,
+    split_sizes: dict,
+    command: str,
+    defense: dict,
+    baseline: dict | None,
+) -> dict:
+    """The machine-readable report of one run; `baseline` (another run's report.json) adds `comparison`."""
+    config = _jsonable(config)
+    attacks = _jsonable(attacks_result.get("attacks") or {})
+    report: dict[str, Any] = {
+        "privtune_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "defense": _defense(_jsonable(defense), config),
+        "config": config,
+        "split_sizes": _jsonable(split_sizes),
+        "protocol": _jsonable(attacks_result.get("protocol")),
+        "attacks": attacks,
+        "utility": _jsonable(utility),
+        "privacy": _jsonable(privacy),
+        "summary": _summary(attacks),
+    }
+    if baseline is not None:
+        report["comparison"] = compare(report, baseline)
+    return report
+
+
+def attack_rows(report: Mapping[str, Any], calibrated: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Columns and formatted rows of the attack table (shared by report.md and the model card)."""
+    ci_level = next(iter((report.get("attacks") or {}).values()), {}).get("metrics", {}).get("ci_level", 0.95)
+    pct = f"{100 * ci_level:g}% CI"
+    columns = ["Attack", f"AUC [{pct}]", "ASR", f"TPR@1%FPR [{pct}]", f"TPR@0.1%FPR [{pct}]"]
+    if calibrated:
+        columns.append("Calibrated-threshold acc.")
+    columns.append("NFE/sample")
+    rows = []
+    for name, a in (report.get("attacks") or {}).items():
+        m = a.get("metrics") or {}
+        row = [name, fmt_ci(m.get("auc")), fmt((m.get("asr") or {}).get("value")),
+               fmt_ci(m.get("tpr@1%fpr")), fmt_ci(m.get("tpr@0.1%fpr"))]
+        if calibrated:
+            row.append(fmt((a.get("calibrated_threshold") or {}).get("accuracy")))
+        row.append(fmt_num(a.get("nfe_per_sample")))
+        rows.append(row)
+    return columns, rows
+
+
+def warning_lines(report: Mapping[str, Any]) -> list[str]:
+    """Each distinct metric warning once, prefixed by the attacks it applies to."""
+    by_text: dict[str, list[str]] = {}
+    for name, a in (report.get("attacks") or {}).items():
+        for w in (a.get("metrics") or {}).get("warnings") or []:
+            by_text.setdefault(w, []).append(name)
+    return [f"{', '.join(names)}: {text}" for text, names in by_text.items()]
+
+
+def summary_line(report: Mapping[str, Any]) -> str:
+    s = best_attack(report)
+    if not s:
+        return "No attack was run."
+    return (
+        f"Best attack by AUC: **{s['name']}**: AUC {fmt_ci(s.get('auc'))}, "
+        f"TPR@1%FPR {fmt_ci(s.get('tpr@1%fpr'))}, TPR@0.1%FPR {fmt_ci(s.get('tpr@0.1%fpr'))}"
+    )
+
+
+def utility_section(report: Mapping[str, Any], run_name: str = "This run", baseline_name: str = "Baseline") -> str | None:
+    """The utility table, with the baseline and change columns when a comparison exists."""
+    comp = (report.get("comparison") or {}).get("utility")
+    if comp:
+        rows = [[k, fmt_num(v["run"]), fmt_num(v["baseline"]), fmt_delta(v["delta"])] for k, v in comp.items()]
+        return md_table(["Metric", run_name, baseline_name, "Change"], rows)
+    values = flat_numbers(report.get("utility") or {})
+    if not values:
+        return None
+    return md_table(["Metric", "Value"], [[k, fmt_num(v)] for k, v in values.items()])
+
+
+def privacy_lines(privacy: Mapping[str, Any] | None) -> list[str]:
+    """The DP guarantee in words, or the statement that there is none."""
+    if not privacy:
+        return ["No formal privacy guarantee: no differentially private trainer ran."]
+    eps, delta = privacy.get("epsilon"), privacy.get("delta")
+    lines = []
+    if eps is not None:
+        head = f"(ε = {fmt_num(eps)}, δ = {fmt_num(delta)})-differential privacy"
+        if privacy.get("accountant"):
+            head += f" (accountant: {privacy['accountant']})"
+        lines.append(head)
+    rest = {k: v for k, v in privacy.items() if k not in ("epsilon", "delta", "accountant")}
+    lines += [f"{k}: {fmt_num(v) if _is_number(v) else v}" for k, v in rest.items()]
+    return lines
+
+
+def _header_lines(report: Mapping[str, Any]) -> list[str]:
+    cfg = report.get("config") or {}
+    lora = cfg.get("lora") or {}
+    d = report.get("defense") or {}
+    protocol = report.get("protocol") or {}
+    lines = [
+        f"- **Defense:** {d.get('name')} ({fmt_settings(d.get('settings'))})",
+        f"- **Trainer:** {cfg.get('trainer', 'n/a')}; LoRA rank {lora.get('rank', 'n/a')}, alpha {lora.get('alpha', 'n/a')}, "
+        f"targets {lora.get('targets', 'n/a')}",
+        f"- **Split sizes:** {fmt_settings(report.get('split_sizes'))}",
+    ]
+    if protocol:
+        cal, rep = protocol.get("n_calibration") or {}, protocol.get("n_report") or {}
+        lines.append(
+            f"- **Attack protocol:** calibration fraction {protocol.get('calibration_fraction')}, seed {protocol.get('seed')}; "
+            f"calibration {cal.get('members')} members / {cal.get('nonmembers')} non-members, "
+            f"report {rep.get('members')} members / {rep.get('nonmembers')} non-members; {protocol.get('score_orientation', '')}"
+        )
+    lines.append(f"- **Created:** {report.get('created')} with privtune {report.get('privtune_version')}")
+    return lines
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """report.md: header, summary, attacks, warnings, utility, privacy, comparison, reproduce."""
+    d = report.get("defense") or {}
+    out = [f"# privtune evaluation report: {d.get('name')}", "", *_header_lines(report), ""]
+    out += ["## Summary", "", summary_line(report), ""]
+    out += ["## Attacks", ""]
+    columns, rows = attack_rows(report)
+    out += [md_table(columns, rows) if rows else "No attack was run.", ""]
+    params = [f"- **{n}**: {fmt_settings(a.get('params'))}" for n, a in (report.get("attacks") or {}).items()]
+    if params:
+        out += ["Attack settings:", "", *params, ""]
+    warnings = warning_lines(report)
+    out += ["## Warnings", "", *([f"- {w}" for w in warnings] or ["None."]), ""]
+    util = utility_section(report)
+    out += ["## Utility", "", util or "No utility numbers were computed.", ""]
+    out += ["## Privacy", "", *[f"- {line}" for line in privacy_lines(report.get("privacy"))], ""]
+    comp = report.get("comparison")
+    if comp:
+        b, base = comp.get("best_auc") or {}, comp.get("baseline") or {}
+        out += [f"## Comparison with baseline ({base.get('defense')}, {base.get('created')})", ""]
+        rows = [[
+            "best AUC", f"{fmt(b.get('run'))} ({b.get('run_attack')})", f"{fmt(b.get('baseline'))} ({b.get('baseline_attack')})",
+            "n/a" if b.get("delta") is None else f"{b['delta']:+.3f}",
+        ]]
+        rows += [[k, fmt_num(v["run"]), fmt_num(v["baseline"]), fmt_delta(v["delta"])] for k, v in (comp.get("utility") or {}).items()]
+        out += [md_table(["Metric", "This run", "Baseline", "Change"], rows), ""]
+    plots = ["![ROC curves](plots/roc.png)", *[f"![{n} scores](plots/{score_plot_name(n)})" for n in report.get("attacks") or {}]]
+    out += ["## Plots", "", *plots, ""]
+    out += ["## Reproduce", "", "```bash", str(report.get("command", "")), "```", ""]
+    return "\n".join(out)
+
+
+def score_plot_name(attack: str) -> str:
+    return f"scores_{re.sub(r'[^A-Za-z0-9_.-]+', '_', attack)}.png"
+
+
+def _samples(attack: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    s = attack.get("samples") or {}
+    if not s.get("scores") or not s.get("labels"):
+        return None
+    scores, labels = np.asarray(s["scores"], dtype=np.float64), np.asarray(s["labels"], dtype=np.int64)
+    if scores.shape != labels.shape or labels.min() == labels.max() or not np.isfinite(scores).all():
+        return None
+    return scores, labels
+
+
+def _figure(width: float, height: float):
+    """A pyplot-free Agg figure: no global backend state, safe in threads and headless jobs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def plot_roc(report: Mapping[str, Any], path: Path) -> Path | None:
+    """All attacks' ROC curves on log-log axes with the chance diagonal; None when nothing to plot."""
+    from sklearn.metrics import roc_curve
+
+    curves = []
+    for name, a in (report.get("attacks") or {}).items():
+        data = _samples(a)
+        if data is not None:
+            fpr, tpr, _ = roc_curve(data[1], data[0], drop_intermediate=False)
+            n = (int((data[1] == 1).sum()), int((data[1] == 0).sum()))
+            curves.append((name, fpr, tpr, (a.get("metrics") or {}).get("auc"), n))
+    if not curves:
+        return None
+    n_mem, n_non = max(c[4][0] for c in curves), max(c[4][1] for c in curves)
+    lo = 10.0 ** math.floor(math.log10(min(1e-3, 0.5 / n_non)))
+    fig = _figure(6.0, 5.4)
+    ax = fig.add_subplot()
+    ax.plot([lo, 1.0], [lo, 1.0], ls="--", color="0.55", lw=1.2, label="chance (AUC 0.500)")
+    for name, fpr, tpr, auc_entry, _ in curves:
+        ax.plot(np.clip(fpr, lo, 1.0), np.clip(tpr, lo, 1.0), lw=1.8, label=f"{name} (AUC {fmt_ci(auc_entry)})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, 1.0)
+    ax.set_ylim(lo, 1.0)
+    for x in (1e-2, 1e-3):
+        if x > lo:
+            ax.axvline(x, color="0.75", lw=0.8, ls=":", zorder=0)
+    ax.grid(True, which="major", alpha=0.35)
+    ax.set_xlabel("False positive rate (non-members flagged as members)")
+    ax.set_ylabel("True positive rate (members detected)")
+    d = report.get("defense") or {}
+    ax.set_title(f"Membership-inference ROC, defense: {d.get('name')}\n"
+                 f"{n_mem} members vs {n_non} non-members (report split)", fontsize=11)
+    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    return _save(fig, path)
+
+
+def plot_scores(name: str, attack: Mapping[str, Any], path: Path) -> Path | None:
+    """Overlaid histograms of member and non-member scores, with the calibrated threshold."""
+    data = _samples(attack)
+    if data is None:
+        return None
+    scores, labels = data
+    edges = np.histogram_bin_edges(scores, bins="auto")
+    if edges.size > 51:
+        edges = np.histogram_bin_edges(scores, bins=50)
+    fig = _figure(6.4, 4.2)
+    ax = fig.add_subplot()
+    for value, label, color in ((1, "members", "C3"), (0, "non-members", "C0")):
+        part = scores[labels == value]
+        ax.hist(part, bins=edges, alpha=0.5, color=color, edgecolor=color, linewidth=0.8, label=f"{label} (n={part.size})")
+    tau = (attack.get("calibrated_threshold") or {}).get("threshold")
+    if _is_number(tau) and math.isfinite(tau) and edges[0] <= tau <= edges[-1]:
+        acc = (attack.get("calibrated_threshold") or {}).get("accuracy")
+        ax.axvline(tau, color="0.2", ls="--", lw=1.2, label=f"calibrated threshold (acc. {fmt(acc)})")
+    ax.set_xlabel("Attack score (higher = more likely member)")
+    ax.set_ylabel("Samples")
+    ax.set_title(f"{name}: member vs non-member scores (AUC {fmt_ci((attack.get('metrics') or {}).get('auc'))})", fontsize=11)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, framealpha=0.9)
+    return _save(fig, path)
+
+
+def write_report(run_dir, report: dict) -> dict[str, Path]:
+    """report.json, report.md and plots/*.png under `run_dir`, each written atomically.
+
+    Returns {"report_json", "report_md", "roc", "scores_<attack>"...: path}; plots that cannot be
+    drawn (no per-sample scores) are left out. Histograms of attacks no longer in the report are removed.
+    """
+    run_dir = Path(run_dir)
+    plots_dir = run_dir / PLOTS_DIR
+    paths: dict[str, Path] = {}
+    atomic_write_json(run_dir / REPORT_JSON, report)
+    paths["report_json"] = run_dir / REPORT_JSON
+    atomic_write_text(run_dir / REPORT_MD, render_markdown(report))
+    paths["report_md"] = run_dir / REPORT_MD
+    roc = plot_roc(report, plots_dir / ROC_PNG)
+    if roc is not None:
+        paths["roc"] = roc
+    for name, attack in (report.get("attacks") or {}).items():
+        file = score_plot_name(name)
+        written = plot_scores(name, attack, plots_dir / file)
+        if written is not None:
+            paths[Path(file).stem] = written
+    if plots_dir.is_dir():
+        keep = {p.name for p in paths.values()}
+        for stale in plots_dir.glob("scores_*.png"):
+            if stale.name not in keep:
+                stale.unlink()
+    return paths
+
+
+def _scalars(report: Mapping[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, a in (report.get("attacks") or {}).items():
+        m = a.get("metrics") or {}
+        for key in METRICS:
+            entry = m.get(key) or {}
+            out[f"eval/{name}/{key}"] = entry.get("value")
+            if entry.get("ci"):
+                out[f"eval/{name}/{key}_ci_low"], out[f"eval/{name}/{key}_ci_high"] = entry["ci"]
+        out[f"eval/{name}/calibrated_accuracy"] = (a.get("calibrated_threshold") or {}).get("accuracy")
+        out[f"eval/{name}/nfe_per_sample"] = a.get("nfe_per_sample")
+    best = best_attack(report)
+    for key in SUMMARY_METRICS:
+        out[f"eval/best/{key}"] = (best.get(key) or {}).get("value")
+    out.update({f"utility/{k}": v for k, v in flat_numbers(report.get("utility") or {}).items()})
+    out.update({f"privacy/{k}": v for k, v in flat_numbers(report.get("privacy") or {}).items()})
+    return {k: float(v) for k, v in out.items() if _is_number(v) and math.isfinite(v)}
+
+
+def log_report(accelerator, report: Mapping[str, Any], plot_paths: Mapping[str, Any] | Iterable, step: int | None = None) -> None:
+    """Logs the attack table, the scalar metrics (`eval/<attack>/<metric>`) and the PNG plots to the trackers."""
+    from PIL import Image
+
+    columns = ["attack", *METRICS, "auc_ci_low", "auc_ci_high", "calibrated_accuracy", "nfe_per_sample"]
+    rows = []
+    for name, a in (report.get("attacks") or {}).items():
+        m = a.get("metrics") or {}
+        ci = (m.get("auc") or {}).get("ci") or [None, None]
+        rows.append([
+            name, *[(m.get(k) or {}).get("value") for k in METRICS], ci[0], ci[1],
+            (a.get("calibrated_threshold") or {}).get("accuracy"), a.get("nfe_per_sample"),
+        ])
+    tracking.log_table(accelerator, "eval/attacks", columns, rows, step=step)
+    accelerator.log(_scalars(report), step=step)
+    items = plot_paths.items() if isinstance(plot_paths, Mapping) else ((Path(p).stem, p) for p in plot_paths)
+    for key, path in items:
+        path = Path(path)
+        if path.suffix.lower() != ".png" or not path.is_file():
+            continue
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        tracking.log_images(accelerator, f"eval/plots/{key}", [image], [key.replace("_", " ")], step or 0)
