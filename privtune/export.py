@@ -35,9 +35,12 @@ def adapter_metadata(config) -> dict:
 
 def save_lora_folder(folder: Path, unet_state: dict, unet_config, text_state: dict | None = None,
                      text_config=None, kohya: bool = False) -> Path:
-    """Write a diffusers-loadable LoRA folder (and the kohya file) from peft state dicts."""
+    """Write a diffusers-loadable LoRA folder (and the kohya file) from peft state dicts.
+
+    The peft key layout (`lora_A` / `lora_B`) is kept: diffusers' older `lora.down` / `lora.up`
+    conversion covers attention layers only and would leave a `full`-target LoRA half-loadable.
+    """
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -45,10 +48,10 @@ def save_lora_folder(folder: Path, unet_state: dict, unet_config, text_state: di
         tmp = Path(tmp)
         kwargs = {}
         if text_state:
-            kwargs = {"text_encoder_lora_layers": convert_state_dict_to_diffusers(text_state),
+            kwargs = {"text_encoder_lora_layers": text_state,
                       "text_encoder_lora_adapter_metadata": adapter_metadata(text_config)}
         StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=convert_state_dict_to_diffusers(unet_state), weight_name=LORA_FILE,
+            tmp, unet_lora_layers=unet_state, weight_name=LORA_FILE,
             safe_serialization=True, unet_lora_adapter_metadata=adapter_metadata(unet_config), **kwargs,
         )
         if kohya:

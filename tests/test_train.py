@@ -150,6 +150,10 @@ def gen():
     return torch.from_numpy(out.images)
 before = gen()
 pipe.load_lora_weights(sys.argv[2])
+from safetensors.torch import load_file
+n_file = len(load_file(sys.argv[2] + "/pytorch_lora_weights.safetensors"))
+n_loaded = sum(1 for n, _ in pipe.unet.named_parameters() if "lora_" in n)
+assert n_loaded == n_file, (n_loaded, n_file)
 after = gen()
 assert "privtune" not in sys.modules
 print("DIFF", float((after - before).abs().mean()))
