@@ -1,0 +1,399 @@
+"""Cost of one optimizer step: the privtune LoRA trainer against a bare hand-written loop.
+
+Three steps run side by side in one process over the same UNet weights, LoRA, data and optimizer:
+
+  trainer         `Trainer.optimizer_step` with train.cache_latents=false (VAE + text encoder every step)
+  trainer_cache   `Trainer.optimizer_step` with train.cache_latents=true (posterior and text states cached)
+  bare            VAE encode + text encode + noise + UNet forward + MSE + backward + clip + AdamW,
+                  written out by hand on a peft LoRA, with no Accelerate and no privtune code in the loop
+
+The variants are interleaved (rotating order) over `--repeats` timed windows of `--steps` steps each,
+after a warm-up; each variant's time per step is the median of its windows. Ratios to `bare` are
+printed as the ratio of medians, as the median of per-round ratios (the windows of one round run back
+to back and share the machine's load, so on a shared machine this is the robust one; the goals are
+judged on it) and as the ratio of median CPU times. Goals: trainer / bare <= 1.05, trainer_cache / bare < 1.
+
+    python benchmarks/train_step.py --steps 2 --repeats 15 --batch-size 16 --threads 2
+
+Peak memory: on CUDA, `torch.cuda.max_memory_allocated` over the window minus the allocation at its
+start. On CPU, the kernel's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs
+after `malloc_trim` returns freed heap pages) minus the RSS at the window's start: every byte torch,
+the allocator and Python touch counts, nothing is sampled, and nothing slows the step down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
+# ---------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak memory of a window above its starting level, in MiB (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu_hwm = device.type == "cpu" and self._clear_refs()
+        self.method = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                       else "VmHWM-reset RSS high-water" if self.cpu_hwm else "unavailable")
+
+    @staticmethod
+    def _status(field: str) -> int:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        return int(match.group(1)) * 1024 if match else -1
+
+    @staticmethod
+    def _clear_refs() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return PeakMemory._status("VmHWM") > 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif self.cpu_hwm:
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except OSError:
+                pass
+            self._clear_refs()
+            self.base = self._status("VmRSS")
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        if self.cpu_hwm:
+            return (self._status("VmHWM") - self.base) / 2**20
+        return float("nan")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------- the three steps
+def reset_accelerate() -> None:
+    """Accelerate's state is process-global; each trainer gets a fresh one, like a fresh process."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def build_trainer(run_dir: Path, base: str, batch_size: int, cache: bool, extra=()):
+    """A LoRA trainer taken through every stage `Trainer.run` does before its loop (no run files)."""
+    from privtune.config import load_config
+    from privtune.trainers import get_trainer
+
+    reset_accelerate()
+    cfg = load_config("lora", [
+        f"output_dir={run_dir}", f"model.base={base}", f"train.batch_size={batch_size}",
+        f"train.cache_latents={str(cache).lower()}", "train.validation_every=0", "train.checkpoint_every=0",
+        "tracking=none", *extra,
+    ])
+    trainer = get_trainer("lora")(cfg)
+    for stage in ("validate_config", "setup_accelerator", "check_run_dir", "setup_data", "setup_model",
+                  "setup_optimizer", "prepare"):
+        getattr(trainer, stage)()
+    assert (trainer.cache is not None) == cache, "train.cache_latents did not take effect"
+    return trainer
+
+
+class TrainerStep:
+    """Calls the trainer's own `optimizer_step`, counting micro-steps as `Trainer.train` does."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.micro_step = 0
+
+    def __call__(self) -> float:
+        logs = self.trainer.optimizer_step(self.micro_step)
+        self.micro_step += self.trainer.cfg.train.gradient_accumulation_steps
+        return logs["loss"]
+
+
+class BareStep:
+    """The hand-written loop: frozen VAE / text encoder, a peft LoRA on the UNet, torch AdamW."""
+
+    def __init__(self, path: str, trainer, device: torch.device):
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from peft import LoraConfig
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        cfg = trainer.cfg
+        self.device = device
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").to(device).requires_grad_(False).eval()
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device).requires_grad_(False).eval()
+        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device).requires_grad_(False)
+        self.scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        self.unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                         init_lora_weights="gaussian",
+                                         target_modules=sorted(trainer.lora_config.target_modules)))
+        self.unet.train()
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        self.max_grad_norm = cfg.train.max_grad_norm
+        self.scaling = self.vae.config.scaling_factor
+        self.n_train_steps = self.scheduler.config.num_train_timesteps
+        records = trainer.train_records
+        res = cfg.data.resolution
+        self.pixels = torch.stack([image_tensor(r.image, res) for r in records])
+        self.ids = tokenizer([r.caption for r in records], padding="max_length", max_length=tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        self.batches = [torch.as_tensor(trainer.schedule.rows(k)[0]) for k in range(64)]
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.k = 0
+
+    def __call__(self) -> float:
+        rows = self.batches[self.k % len(self.batches)]
+        self.k += 1
+        with torch.no_grad():
+            dist = self.vae.encode(self.pixels[rows].to(self.device)).latent_dist
+            latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.generator).to(self.device)) * self.scaling
+            states = self.text_encoder(self.ids[rows].to(self.device), return_dict=False)[0]
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        t = torch.randint(0, self.n_train_steps, (latents.shape[0],), generator=self.generator).to(self.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        pred = self.unet(noisy, t, encoder_hidden_states=states, return_dict=False)[0]
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def image_tensor(image, resolution: int) -> torch.Tensor:
+    """Center-cropped, resized RGB in [-1, 1]: the bare loop's one-off preprocessing into memory."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = image.size
+    side = min(w, h)
+    image = image.convert("RGB").crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    array = np.asarray(image.resize((resolution, resolution), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+# ---------------------------------------------------------------------- SD v1.5 shapes (CUDA)
+class Sd15Bare:
+    """Bare step on an SD v1.5-shaped UNet: precomputed 64x64x4 latents and 77x768 text states."""
+
+    def __init__(self, unet, latents, states, lora_cfg, optim_kwargs, max_grad_norm, device):
+        from diffusers import DDPMScheduler
+
+        self.unet, self.latents, self.states, self.device = unet, latents, states, device
+        self.unet.requires_grad_(False)
+        self.unet.add_adapter(lora_cfg)
+        self.unet.train()
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, **optim_kwargs)
+        self.max_grad_norm = max_grad_norm
+        self.scheduler = DDPMScheduler()
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __call__(self) -> float:
+        noise = torch.randn(self.latents.shape, generator=self.generator).to(self.device)
+        t = torch.randint(0, 1000, (self.latents.shape[0],), generator=self.generator).to(self.device)
+        pred = self.unet(self.scheduler.add_noise(self.latents, noise, t), t, encoder_hidden_states=self.states,
+                         return_dict=False)[0]
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def sd15_variants(run_dir: Path, base: str, batch_size: int, device: torch.device, unet_config: dict) -> dict:
+    """The trainer's `optimizer_step` (cached path) and the bare step, both on a fresh SD v1.5-shaped UNet.
+
+    The trainer is built on the embedded model, then its UNet is swapped for the big one (LoRA, optimizer
+    and Accelerate wrapping redone) and its cache filled with random SD v1.5-sized posteriors and states.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from privtune.models.lora import add_lora
+
+    def fresh_unet():
+        torch.manual_seed(0)
+        return UNet2DConditionModel(**unet_config).to(device)
+
+    trainer = build_trainer(run_dir, base, batch_size, True)
+    comps = trainer.components
+    size, ctx = unet_config["sample_size"], unet_config["cross_attention_dim"]
+    n = len(trainer.train_records)
+    gen = torch.Generator().manual_seed(1)
+    moments = torch.stack([torch.randn(n, 4, size, size, generator=gen), torch.rand(n, 4, size, size, generator=gen) * 0.1])
+    trainer.cache = {"moments": {False: moments.to(device)}, "text": torch.randn(n, 77, ctx, generator=gen).to(device)}
+    comps.unet = fresh_unet().requires_grad_(False)
+    trainer.trainable = add_lora(comps.unet, trainer.lora_config)
+    comps.unet.train()
+    reset_accelerate()
+    trainer.setup_accelerator()
+    trainer.setup_optimizer()
+    trainer.prepare()
+    cfg = trainer.cfg
+    optim_kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    rows = torch.as_tensor(trainer.schedule.rows(0)[0])
+    latents = (moments[0][rows] * comps.scaling_factor).to(device)
+    bare = Sd15Bare(fresh_unet(), latents, trainer.cache["text"][rows.to(device)], trainer.lora_config, optim_kwargs,
+                    cfg.train.max_grad_norm, device)
+    return {"trainer_cache": TrainerStep(trainer), "bare": bare}
+
+
+# ---------------------------------------------------------------------- measurement
+def measure(variants: dict, steps: int, repeats: int, warmup: int, device: torch.device) -> dict:
+    """Interleaved windows; per variant the median and spread of seconds per step and the max peak memory."""
+    names = list(variants)
+    mem = PeakMemory(device)
+    for name in names:
+        for _ in range(warmup):
+            variants[name]()
+    sync(device)
+    times = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    peaks = {n: [] for n in names}
+    losses = {n: float("nan") for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            mem.start()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                losses[name] = variants[name]()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / steps)
+            cpu[name].append((time.process_time() - cpu_start) / steps)
+            peaks[name].append(mem.stop())
+    return {
+        n: {"s_per_step": statistics.median(times[n]), "min": min(times[n]), "max": max(times[n]),
+            "windows": times[n], "cpu_s_per_step": statistics.median(cpu[n]),
+            "peak_mib": max(peaks[n]), "last_loss": losses[n]}
+        for n in names
+    } | {"_memory_method": mem.method}
+
+
+def ratios(results: dict, name: str, ref: str = "bare") -> dict:
+    """name / ref three ways: of the medians, the median of per-window ratios (windows of one round run
+    back to back, so they share the machine's load at that moment), and of the CPU times."""
+    a, b = results[name], results[ref]
+    return {"median": a["s_per_step"] / b["s_per_step"],
+            "paired": statistics.median(x / y for x, y in zip(a["windows"], b["windows"])),
+            "cpu": a["cpu_s_per_step"] / b["cpu_s_per_step"]}
+
+
+def print_ratio(label: str, r: dict, goal: str, met: bool) -> None:
+    print(f"{label} = {r['median']:.3f} of medians, {r['paired']:.3f} paired per window, {r['cpu']:.3f} in CPU time"
+          f"  (goal {goal}: {'met' if met else 'MISSED'} on the paired ratio)")
+
+
+def print_table(title: str, results: dict, batch_size: int) -> None:
+    print(f"\n{title}")
+    print(f"{'variant':<15}{'ms/step':>10}{'min':>9}{'max':>9}{'img/s':>9}{'cpu ms':>9}{'peak MiB':>10}{'loss':>9}")
+    for name, r in results.items():
+        if name.startswith("_"):
+            continue
+        print(f"{name:<15}{r['s_per_step'] * 1e3:>10.1f}{r['min'] * 1e3:>9.1f}{r['max'] * 1e3:>9.1f}"
+              f"{batch_size / r['s_per_step']:>9.1f}{r['cpu_s_per_step'] * 1e3:>9.1f}{r['peak_mib']:>10.1f}{r['last_loss']:>9.4f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per timed window")
+    parser.add_argument("--repeats", type=int, default=15, help="timed windows per variant (interleaved)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--base", default="embedded", help="diffusers model folder (default: the embedded tiny SD)")
+    parser.add_argument("--sd15-shapes", action="store_true", help="CUDA only: also compare on an SD v1.5-shaped UNet")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    from privtune.models.loading import resolve_base
+
+    path = resolve_base(args.base)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = build_trainer(Path(tmp) / "plain", path, args.batch_size, False)
+        cached = build_trainer(Path(tmp) / "cached", path, args.batch_size, True)
+        bare = BareStep(path, plain, device)
+        n_lora = sum(p.numel() for p in plain.trainable)
+        assert n_lora == sum(p.numel() for p in bare.params), "trainer and bare loop train different LoRAs"
+        variants = {"trainer": TrainerStep(plain), "trainer_cache": TrainerStep(cached), "bare": bare}
+        results = measure(variants, args.steps, args.repeats, args.warmup, device)
+
+        cpu = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+        print(f"device: {cpu}; torch {torch.__version__}; threads {torch.get_num_threads()}; model {path}")
+        print(f"batch {args.batch_size} at {plain.cfg.data.resolution}px, LoRA rank {plain.cfg.lora.rank} "
+              f"({plain.cfg.lora.targets}, {n_lora} params), {args.repeats} interleaved windows x {args.steps} steps "
+              f"after {args.warmup} warm-up steps; median ms/step (min / max over windows)")
+        print(f"peak memory: {results['_memory_method']} over a window, above the level at its start")
+        print_table("embedded model", results, args.batch_size)
+        ratio_plain, ratio_cache = ratios(results, "trainer"), ratios(results, "trainer_cache")
+        print()
+        print_ratio("trainer / bare      ", ratio_plain, "<= 1.05", ratio_plain["paired"] <= 1.05)
+        print_ratio("trainer_cache / bare", ratio_cache, "< 1", ratio_cache["paired"] < 1)
+        summary = {
+            "device": cpu, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+            "steps": args.steps, "repeats": args.repeats,
+            "ms_per_step": {n: round(r["s_per_step"] * 1e3, 2) for n, r in results.items() if not n.startswith("_")},
+            "peak_mib": {n: round(r["peak_mib"], 1) for n, r in results.items() if not n.startswith("_")},
+            "memory_method": results["_memory_method"],
+            "ratio_trainer_bare": {k: round(v, 3) for k, v in ratio_plain.items()},
+            "ratio_trainer_cache_bare": {k: round(v, 3) for k, v in ratio_cache.items()},
+        }
+        del variants, plain, cached, bare
+
+        if args.sd15_shapes and device.type != "cuda":
+            print("\n--sd15-shapes needs a CUDA GPU (an SD v1.5-sized UNet training step); skipped on CPU")
+            summary["sd15"] = "skipped: needs a GPU"
+        elif args.sd15_shapes:
+            sd = sd15_variants(Path(tmp) / "sd15", path, args.batch_size, device, SD15_UNET)
+            sd_results = measure(sd, args.steps, args.repeats, args.warmup, device)
+            print_table("SD v1.5-shaped UNet (random init, 64x64x4 latents, 77x768 text states)", sd_results, args.batch_size)
+            ratio_sd = ratios(sd_results, "trainer_cache")
+            print()
+            print_ratio("sd15 trainer_cache / bare", ratio_sd, "<= 1.05", ratio_sd["paired"] <= 1.05)
+            summary["sd15"] = {"ms_per_step": {n: round(r["s_per_step"] * 1e3, 2) for n, r in sd_results.items()
+                                               if not n.startswith("_")},
+                               "peak_mib": {n: round(r["peak_mib"], 1) for n, r in sd_results.items() if not n.startswith("_")},
+                               "ratio_trainer_cache_bare": {k: round(v, 3) for k, v in ratio_sd.items()}}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
