@@ -58,8 +58,8 @@ def _valid_keys(node: DictConfig, prefix: str) -> str:
 
 
 def _check_keys(base: Any, update: Any, prefix: str, source: str) -> None:
-    if not isinstance(update, DictConfig) or not isinstance(base, DictConfig):
-        return
+    if not isinstance(update, DictConfig) or not isinstance(base, DictConfig) or len(base) == 0:
+        return  # an empty mapping in the parent is a free-form section (e.g. eval.attack_params)
     for key in update.keys():
         if key not in base:
             raise ConfigError(

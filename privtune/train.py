@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         from .trainers import get_trainer
 
         quiet_libraries()
+        from .eval.stage import record_command
+
+        record_command("privtune.train", argv)
 
         trainer = get_trainer(cfg.trainer)(cfg)
         run_dir = trainer.run()

@@ -49,7 +49,7 @@ def train_args(run_dir: Path, *extra: str, steps: int = 6) -> list[str]:
     return [
         "recipe=lora", f"output_dir={run_dir}", f"train.max_steps={steps}", "train.batch_size=4",
         "data.members=8", "data.nonmembers=8", "lora.rank=4", "lora.alpha=4",
-        "train.validation_every=0", "train.checkpoint_every=0", "train.log_every=1", *extra,
+        "train.validation_every=0", "train.checkpoint_every=0", "train.log_every=1", "eval.enabled=false", *extra,
     ]
 
 

@@ -65,3 +65,39 @@ def lora_state_dict(model: torch.nn.Module, adapter_name: str = "default") -> di
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(model, adapter_name=adapter_name)
+
+
+def load_lora(components, lora_dir) -> None:
+    """Load an exported LoRA folder into the components' UNet (and text encoder) through diffusers.
+
+    diffusers only warns when no key matches, so we check that every tensor of the file found a
+    module of the right shape, and raise ModelError naming the problem otherwise.
+    """
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+
+    from ..errors import ModelError
+
+    folder = Path(lora_dir)
+    if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        raise ModelError(f"LoRA folder {folder} holds no .safetensors weights; pass the run's lora/ folder")
+    try:
+        state, _ = StableDiffusionPipeline.lora_state_dict(str(folder), weight_name="pytorch_lora_weights.safetensors")
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelError(f"cannot read the LoRA in {folder}: {exc}") from exc
+    unet_keys = [k for k in state if k.startswith("unet.")]
+    try:
+        StableDiffusionPipeline.load_lora_into_unet(state, network_alphas=None, unet=components.unet, adapter_name="default")
+        text_keys = [k for k in state if k.startswith("text_encoder.")]
+        if text_keys:
+            StableDiffusionPipeline.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=components.text_encoder,
+                                                                adapter_name="default")
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelError(f"the LoRA in {folder} does not fit the base model {components.path}: {str(exc)[:500]}") from exc
+    loaded = lora_state_dict(components.unet)
+    if len(loaded) < len(unet_keys):
+        raise ModelError(
+            f"the LoRA in {folder} does not fit the base model {components.path}: only {len(loaded)} of its "
+            f"{len(unet_keys)} UNet tensors match a module; was it trained on another base model?"
+        )

@@ -91,6 +91,11 @@ class Trainer:
     def validate_config(self) -> None:
         """Checks that need no model or data; subclasses add theirs (before anything is written)."""
         cfg = self.cfg
+        if cfg.eval.enabled:
+            from ..eval.stage import check_attacks, load_baseline
+
+            check_attacks(cfg.eval.attacks)
+            load_baseline(cfg.eval.baseline)
         if cfg.optim.use_8bit and not torch.cuda.is_available():
             raise ConfigError("optim.use_8bit=true needs a CUDA GPU (bitsandbytes 8-bit AdamW); set optim.use_8bit=false on this machine")
         if cfg.train.max_steps < 1 or cfg.train.batch_size < 1 or cfg.train.gradient_accumulation_steps < 1:
@@ -492,5 +497,18 @@ class Trainer:
         acc.end_training()
 
     def after_export(self) -> None:
-        """Hook run on every process after the LoRA is written (the evaluation stage plugs in here)."""
+        """The evaluation stage (eval.enabled): attacks, utility, report and the LoRA's privacy card."""
+        if not self.cfg.eval.enabled:
+            return
+        from ..eval.stage import evaluate_model
+
+        self.report = evaluate_model(
+            cfg=self.cfg, components=self.components, unet=self.accelerator.unwrap_model(self.components.unet),
+            split=self.split, run_dir=self.run_dir, accelerator=self.accelerator,
+            lora_dir=self.run_dir / exporter.LORA_DIR, privacy=self.privacy_summary(),
+        )
+
+    def privacy_summary(self) -> dict | None:
+        """Formal guarantees for the report (epsilon, delta, accountant); None for undefended training."""
+        return None
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ...errors import ConfigError, DataError
 from ...registry import Registry
+from .. import distributed
 from ..primitives import NFECounter, NoisePredictor
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack")
@@ -118,12 +119,22 @@ def map_batches(
     outputs (each key -> array [N, ...]) and UNet evaluations per sample."""
     counter = NFECounter(target.predictor)
     counted = replace(target, predictor=counter)
+    shard = distributed.current()
+    lo, hi = shard.bounds(len(samples)) if shard else (0, len(samples))
+    part = samples.subset(np.arange(lo, hi))
     outs: dict[Hashable, list[np.ndarray]] = defaultdict(list)
-    n_batches = -(-len(samples) // batch_size)
-    for batch in tqdm(samples.batches(batch_size), total=n_batches, desc=desc, disable=not progress, leave=False):
+    n_batches = -(-len(part) // batch_size)
+    for batch in tqdm(part.batches(batch_size), total=n_batches, desc=desc, disable=not progress, leave=False):
         batch = batch.to(target.device)
         for key, value in fn(counted, batch).items():
             outs[key].append(value.detach().float().cpu().numpy())
+    if shard:
+        pieces = shard.gather({"outs": dict(outs), "nfe": counter.total})
+        outs = defaultdict(list)
+        for piece in pieces:
+            for key, values in piece["outs"].items():
+                outs[key].extend(values)
+        return {k: np.concatenate(v) for k, v in outs.items()}, sum(p["nfe"] for p in pieces) / max(1, len(samples))
     return {k: np.concatenate(v) for k, v in outs.items()}, counter.per_sample(len(samples))
 
 

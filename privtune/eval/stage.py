@@ -1,0 +1,137 @@
+"""The evaluation stage: attack a trained model, measure its utility, write the report and privacy card.
+
+Runs at the end of `privtune.train` (Trainer.after_export) and from `privtune.evaluate`; both call
+`evaluate_model`, so the same seed gives the same scores. Under `accelerate launch` the attack work
+is sharded across processes (privtune.eval.distributed) and the report is written once.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import to_container
+from ..errors import ConfigError
+from .attacks import ATTACKS, AttackTarget
+from .distributed import sharded
+from .encode import LATENT_CHOICE, empty_prompt_state, encode_records
+from .primitives import UNetPredictor
+from .runner import run_attacks
+from .utility import compute_utility
+
+
+_COMMAND: list[str] = []
+
+
+def record_command(module: str, argv) -> None:
+    """Remember the entry point and arguments, so the report and card can show how to reproduce them."""
+    _COMMAND[:] = ["python", "-m", module, *map(str, argv)]
+
+
+def command_line() -> str:
+    return " ".join(map(shlex.quote, _COMMAND)) if _COMMAND else " ".join(map(shlex.quote, ["python", *sys.argv]))
+
+
+def check_attacks(names) -> list[str]:
+    names = [str(n) for n in names]
+    for n in names:
+        ATTACKS.get(n)
+    return names
+
+
+def load_baseline(path) -> dict | None:
+    if not path:
+        return None
+    report = Path(path) / "report.json" if Path(path).is_dir() else Path(path)
+    if not report.is_file():
+        raise ConfigError(f"eval.baseline={path!r} has no report.json; point it at a finished baseline run folder")
+    return json.loads(report.read_text())
+
+
+def defense_summary(cfg) -> dict:
+    """The trainer and the settings that define its defense, for the report and the card."""
+    container = to_container(cfg)
+    keep = {"trainer": container["trainer"], "lora": container["lora"],
+            "optim": {k: container["optim"][k] for k in ("lr", "weight_decay")},
+            "train": {k: container["train"][k] for k in ("max_steps", "batch_size")},
+            "data": {k: container["data"][k] for k in ("members", "resolution", "center_crop", "random_flip")}}
+    for key, value in container.items():
+        if key not in ("trainer", "seed", "output_dir", "resume", "overwrite", "tracking", "tracker_project",
+                       "model", "data", "lora", "train", "optim", "export", "eval", "recipe"):
+            keep[key] = value
+    return keep
+
+
+def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=None, lora_dir: Path | None = None,
+                   privacy: dict | None = None, command: str | None = None, write: bool = True) -> dict:
+    """Attack `unet` (base + LoRA, eval mode) on the split; returns the report dict (written when `write`)."""
+    from .card import write_model_card
+    from .report import build_report, log_report, write_report
+
+    ev = cfg.eval
+    names = check_attacks(ev.attacks)
+    is_main = accelerator is None or accelerator.is_main_process
+    device = next(unet.parameters()).device
+    was_training = unet.training
+    unet.eval()
+    uncond = empty_prompt_state(components, device) if float(ev.guidance_scale) != 1.0 else None
+    predictor = UNetPredictor(unet, guidance_scale=float(ev.guidance_scale), uncond=uncond)
+    alphas = components.noise_scheduler.alphas_cumprod.to(torch.float64)
+    target = AttackTarget(predictor, alphas)
+    members = encode_records(components, split.members, cfg.data.resolution, device)
+    nonmembers = encode_records(components, split.nonmembers, cfg.data.resolution, device)
+    with sharded(accelerator):
+        result = run_attacks(target, members, nonmembers, names, to_container(ev.attack_params),
+                             calibration_fraction=float(ev.calibration_fraction), seed=int(cfg.seed),
+                             batch_size=int(ev.batch_size), n_bootstrap=int(ev.bootstrap), progress=is_main)
+    result["protocol"]["latents"] = LATENT_CHOICE
+    result["protocol"]["guidance_scale"] = float(ev.guidance_scale)
+    report = None
+    if is_main:
+        utility = None
+        if ev.utility:
+            pipe = pipeline_for(components, unet)
+            utility = compute_utility(predictor=predictor, members=members, nonmembers=nonmembers, alphas_cumprod=alphas,
+                                      pipe=pipe, nonmember_records=split.nonmembers, eval_cfg=ev,
+                                      embedded=str(cfg.model.base) == "embedded", seed=int(cfg.seed))
+        command = command or command_line()
+        report = build_report(config=to_container(cfg), attacks_result=result, utility=utility, privacy=privacy,
+                              split_sizes={"members": len(split.members), "nonmembers": len(split.nonmembers)},
+                              command=command, defense=defense_summary(cfg), baseline=load_baseline(ev.baseline))
+        if write:
+            paths = write_report(run_dir, report)
+            if accelerator is not None:
+                log_report(accelerator, report, paths)
+            if lora_dir is not None and Path(lora_dir).is_dir():
+                forbidden = [r.caption for r in split.members + split.nonmembers] + [r.id for r in split.members + split.nonmembers]
+                forbidden += [str(Path(run_dir).resolve()), str(run_dir)]
+                write_model_card(lora_dir, report, base_model=base_model_name(cfg), license=str(ev.license),
+                                 repro_command=command, forbidden=forbidden)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if was_training:
+        unet.train()
+    return report
+
+
+def base_model_name(cfg) -> str:
+    base = str(cfg.model.base)
+    if base == "embedded":
+        return "privtune/tiny-sd (embedded)"
+    return "<local checkpoint>" if Path(base).exists() else base
+
+
+def pipeline_for(components, unet):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=unet,
+        scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

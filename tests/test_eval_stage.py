@@ -1,0 +1,115 @@
+"""The evaluation stage wired into training and the standalone `privtune.evaluate`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from privtune.evaluate import main as evaluate_main
+from privtune.export import LORA_FILE
+from privtune.train import main as train_main
+
+from .conftest import REPO, train_args
+
+FAST_EVAL = (
+    "eval.enabled=true", "eval.attacks=[loss,secmi,pia]", "eval.bootstrap=50",
+    "eval.attack_params={loss: {timesteps: [100, 300], draws: 1}, secmi: {t_sec: 50, k: 10}, pia: {timesteps: [100, 300]}}",
+    "eval.utility_generations=4", "eval.utility_inference_steps=4",
+)
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory, base_model):
+    run = tmp_path_factory.mktemp("eval") / "run"
+    assert train_main(train_args(run, f"model.base={base_model}", *FAST_EVAL, steps=4)) == 0
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return run
+
+
+def test_report_and_card_after_training(evaluated_run):
+    report = json.loads((evaluated_run / "report.json").read_text())
+    assert set(report["attacks"]) == {"loss", "secmi", "pia"}
+    for name, attack in report["attacks"].items():
+        auc = attack["metrics"]["auc"]
+        assert 0.0 <= auc["value"] <= 1.0 and len(auc["ci"]) == 2, name
+        assert attack["nfe_per_sample"] > 0
+    assert attack["metrics"]["n_members"] == 4  # the report half of 8 members
+    assert report["utility"]["heldout_denoising_loss"] > 0
+    assert (evaluated_run / "plots" / "roc.png").is_file()
+    assert "| loss" in (evaluated_run / "report.md").read_text() or "loss" in (evaluated_run / "report.md").read_text()
+    card = (evaluated_run / "lora" / "README.md").read_text()
+    assert card.startswith("---") and "base_model" in card
+    assert "privacy" in card.lower() and "AUC" in card
+    captions = [r["caption"] for r in json.loads((evaluated_run / "split.json").read_text())["members"]]
+    assert not any(c in card for c in captions)
+    assert str(evaluated_run) not in card
+
+
+def test_standalone_evaluate_matches_automatic_stage(evaluated_run, tmp_path, base_model):
+    out = tmp_path / "again"
+    assert evaluate_main([f"run={evaluated_run}", f"out={out}"]) == 0
+    first = json.loads((evaluated_run / "report.json").read_text())
+    again = json.loads((out / "report.json").read_text())
+    for name in first["attacks"]:
+        a, b = first["attacks"][name]["samples"], again["attacks"][name]["samples"]
+        assert a["ids"] == b["ids"]
+        assert max(abs(x - y) for x, y in zip(a["scores"], b["scores"])) <= 1e-3 * max(1.0, max(abs(x) for x in a["scores"]))
+
+
+def test_external_lora_mode(evaluated_run, tmp_path, base_model):
+    out = tmp_path / "ext"
+    args = [f"model={base_model}", f"lora={evaluated_run / 'lora'}", f"members={evaluated_run / 'split.json'}", f"out={out}",
+            "eval.attacks=[pia]", "eval.utility=false", "eval.bootstrap=20"]
+    assert evaluate_main(args) == 0
+    assert "pia" in json.loads((out / "report.json").read_text())["attacks"]
+
+
+def test_unknown_attack_is_a_clear_error(tmp_path, base_model, capsys):
+    assert train_main(train_args(tmp_path / "run", f"model.base={base_model}", "eval.enabled=true", "eval.attacks=[loss,nope]")) == 2
+    err = capsys.readouterr().err
+    assert "unknown attack 'nope'" in err and "secmi" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_that_does_not_fit_is_a_clear_error(evaluated_run, tmp_path, base_model, capsys):
+    weights = load_file(str(evaluated_run / "lora" / LORA_FILE))
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    save_file({k.replace("down_blocks", "no_such_blocks"): v for k, v in weights.items()}, str(renamed / LORA_FILE))
+    reshaped = tmp_path / "reshaped"
+    reshaped.mkdir()
+    save_file({k: (v[:, :-1].contiguous() if v.ndim >= 2 and "lora_A" in k else v) for k, v in weights.items()}, str(reshaped / LORA_FILE))
+    for bad in (renamed, reshaped):
+        args = [f"model={base_model}", f"lora={bad}", f"members={evaluated_run / 'split.json'}", f"out={tmp_path / 'o'}", "eval.attacks=[pia]"]
+        assert evaluate_main(args) == 2
+        assert "does not fit the base model" in capsys.readouterr().err
+
+
+def test_overlapping_manifest_is_refused(evaluated_run, tmp_path, base_model, capsys):
+    manifest = json.loads((evaluated_run / "split.json").read_text())
+    manifest["nonmembers"][0] = manifest["members"][0]
+    bad = tmp_path / "split.json"
+    bad.write_text(json.dumps(manifest))
+    args = [f"model={base_model}", f"lora={evaluated_run / 'lora'}", f"members={bad}", f"out={tmp_path / 'o'}"]
+    assert evaluate_main(args) == 2
+    assert "overlap" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_scores(evaluated_run, tmp_path):
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "privtune.evaluate", f"run={evaluated_run}", f"out={out}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = json.loads((evaluated_run / "report.json").read_text())
+    two = json.loads((out / "report.json").read_text())
+    for name in one["attacks"]:
+        a, b = one["attacks"][name]["samples"]["scores"], two["attacks"][name]["samples"]["scores"]
+        assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-3 * max(1.0, max(abs(x) for x in a))
