@@ -107,6 +107,11 @@ def evaluate(argv) -> dict:
     return report
 
 
+def own_out(argv) -> str:
+    own, _ = _parse(argv)
+    return own.get("out", own.get("run", ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or any(a in ("-h", "--help", "help") for a in argv):
@@ -119,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if report is not None:
         best = report.get("summary", {}).get("best_attack", {})
-        print(f"privtune: best attack {best.get('name')} AUC {best.get('auc')}")
+        auc = best.get("auc", {})
+        print(f"privtune: best attack {best.get('name')}: AUC {auc.get('value', float('nan')):.3f} "
+              f"[{', '.join(f'{v:.3f}' for v in auc.get('ci', []))}]; report in {own_out(argv)}")
     return 0
 
 
