@@ -3,5 +3,6 @@
 from .registry import TRAINERS, get_trainer
 
 from . import lora  # noqa: F401  (registers "lora")
+from . import dpsgd  # noqa: F401  (registers "dpsgd")
 
 __all__ = ["TRAINERS", "get_trainer"]

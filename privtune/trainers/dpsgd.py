@@ -1,0 +1,299 @@
+"""DP-SGD on the LoRA parameters, with DPDM noise multiplicity.
+
+Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (per-example clipping, Gaussian
+noise, Poisson subsampling, moments accountant); Dockhorn, Cao, Vahdat & Kreis, "Differentially
+Private Diffusion Models", TMLR 2023 (noise multiplicity: each example's loss is averaged over K
+(timestep, noise) draws before its gradient is clipped, which lowers gradient variance at no
+privacy cost); Lyu et al., "Differentially Private Latent Diffusion Models" (DP-LDM), arXiv
+2305.15759 (DP fine-tuning of a publicly pre-trained latent diffusion model).
+
+Per-example gradients come from Opacus' `GradSampleModule` hooks, attached only to the LoRA
+modules (everything else is frozen). Each example is repeated K times in the batch; its K rows of
+per-sample gradients are summed (the loss is the per-example mean over the K draws) before the
+clipping to `dp.max_grad_norm`, so sensitivity and accounting are those of one example. Clipping
+and noise are applied here rather than by Opacus' DPOptimizer because of that K-row aggregation;
+the Opacus accountants (rdp | prv | gdp) and `get_noise_multiplier` give the budget.
+
+The noise generator is seeded from OS entropy per run (or `dp.noise_seed`) and kept only in the
+checkpoints; the Poisson batches are a pure function of (seed, step), so amplification by
+subsampling assumes the run's seed stays private. Single process only.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, PrivtuneError
+from ..losses import denoising_loss
+from ..privacy import ACCOUNTANTS, epsilon_spent, make_accountant, plan_budget
+from .base import Batch, Trainer
+from .registry import TRAINERS
+from .sampling import BatchSchedule
+
+
+class DPSGDError(PrivtuneError):
+    """DP-SGD training went wrong in a way that would silently void the guarantee or the training."""
+
+
+class DPSchedule:
+    """The logical batch of every step (Poisson or shuffled) cut into physical chunks of `chunk` rows.
+
+    A pure function of (seed, step): a resumed run draws exactly the batches of an uninterrupted one.
+    Micro-step `step * chunks_per_step + c` addresses chunk c of step `step`.
+    """
+
+    def __init__(self, num_rows: int, expected: int, chunk: int, seed: int, poisson: bool, random_flip: bool):
+        self.num_rows = num_rows
+        self.sample_rate = expected / num_rows
+        self.chunk = chunk
+        self.seed = seed
+        self.poisson = poisson
+        self.random_flip = random_flip
+        self.chunks_per_step = math.ceil(num_rows / chunk)
+        self._shuffle = BatchSchedule(num_rows, expected, seed, 0, 1, random_flip)
+        self._cached: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def logical(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """All rows (and flip flags) of step `step`."""
+        if self._cached is not None and self._cached[0] == step:
+            return self._cached[1]
+        if self.poisson:
+            rows = np.flatnonzero(np.random.default_rng([self.seed, step, 11]).random(self.num_rows) < self.sample_rate)
+            if self.random_flip:
+                flips = np.random.default_rng([self.seed, step, 7]).random(self.num_rows)[rows] < 0.5
+            else:
+                flips = np.zeros(len(rows), dtype=bool)
+            out = (rows, flips)
+        else:
+            out = self._shuffle.rows(step)
+        self._cached = (step, out)
+        return out
+
+    def num_chunks(self, step: int) -> int:
+        return math.ceil(len(self.logical(step)[0]) / self.chunk)
+
+    def rows(self, micro_step: int) -> tuple[np.ndarray, np.ndarray]:
+        step, c = divmod(micro_step, self.chunks_per_step)
+        rows, flips = self.logical(step)
+        return rows[c * self.chunk:(c + 1) * self.chunk], flips[c * self.chunk:(c + 1) * self.chunk]
+
+
+class DPState:
+    """Checkpointed DP state: the accountant's history and the noise generator."""
+
+    def __init__(self, accountant, noise_seed: int):
+        self.accountant = accountant
+        self.generator = torch.Generator().manual_seed(noise_seed)
+
+    def state_dict(self) -> dict:
+        history = torch.tensor([list(h) for h in self.accountant.history], dtype=torch.float64).reshape(-1, 3)
+        return {"history": history, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"].tolist()]
+        self.generator.set_state(state["generator"])
+
+
+@TRAINERS.register("dpsgd")
+class DPSGDTrainer(Trainer):
+    """DP-SGD (per-example clipping + Gaussian noise + accountant) on the UNet's LoRA parameters."""
+
+    name = "dpsgd"
+
+    # ------------------------------------------------------------------ checks and budget
+    def validate_config(self) -> None:
+        super().validate_config()
+        cfg = self.cfg
+        if "dp" not in cfg:
+            raise ConfigError("trainer dpsgd needs a dp: section; use recipe=dpsgd (or inherit from it)")
+        dp = cfg.dp
+        if dp.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"dp.accountant must be one of {', '.join(ACCOUNTANTS)} (got {dp.accountant!r})")
+        if int(dp.noise_multiplicity) < 1:
+            raise ConfigError(f"dp.noise_multiplicity must be >= 1 (got {dp.noise_multiplicity})")
+        if dp.target_epsilon is not None and not float(dp.target_epsilon) > 0:
+            raise ConfigError(f"dp.target_epsilon must be > 0 (got {dp.target_epsilon})")
+        if dp.delta is not None and not 0 < float(dp.delta) < 1:
+            raise ConfigError(f"dp.delta must be in (0, 1) (got {dp.delta})")
+        if cfg.lora.text_encoder:
+            raise ConfigError("dpsgd trains UNet LoRA only; set lora.text_encoder=false (a text-encoder LoRA would share the budget)")
+        if cfg.train.gradient_checkpointing:
+            raise ConfigError("dpsgd does not support train.gradient_checkpointing (Opacus hooks would see each forward twice)")
+        if cfg.train.mixed_precision == "fp16":
+            raise ConfigError("dpsgd does not support fp16 loss scaling (it would scale per-example gradients); use bf16 or no")
+        if cfg.train.max_grad_norm:
+            raise ConfigError("dpsgd clips per example with dp.max_grad_norm; set train.max_grad_norm=0")
+
+    def setup_accelerator(self) -> None:
+        super().setup_accelerator()
+        if self.accelerator.num_processes > 1:
+            raise ConfigError("dpsgd runs in a single process (one noise draw per step); launch it without accelerate multi-process")
+
+    @property
+    def expected_batch(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps
+
+    def setup_data(self) -> None:
+        super().setup_data()
+        self.budget = plan_budget(self.cfg.dp, len(self.train_records), self.expected_batch, self.cfg.train.max_steps)
+
+    # ------------------------------------------------------------------ model hooks and state
+    def prepare(self) -> None:
+        from opacus import GradSampleModule
+
+        super().prepare()
+        cfg = self.cfg
+        unet = self.accelerator.unwrap_model(self.components.unet)
+        self.grad_sampler = GradSampleModule(unet, batch_first=True, loss_reduction="sum", strict=True)
+        self.schedule = DPSchedule(len(self.train_records), self.expected_batch, cfg.train.batch_size, cfg.seed,
+                                   bool(cfg.dp.poisson), cfg.data.random_flip)
+        seed = secrets.randbits(63) if cfg.dp.noise_seed is None else int(cfg.dp.noise_seed)
+        self.dp_state = DPState(make_accountant(self.budget.accountant), seed)
+        self.accelerator.register_for_checkpointing(self.dp_state)
+        self._update_checked = False
+        if not cfg.dp.poisson and self.is_main:
+            print("privtune: dp.poisson=false: shuffled fixed-size batches; the reported epsilon assumes Poisson sampling")
+
+    @property
+    def accountant(self):
+        return self.dp_state.accountant
+
+    # ------------------------------------------------------------------ loss and step
+    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """Sum over examples of each example's denoising loss averaged over K (timestep, noise) draws."""
+        k = int(self.cfg.dp.noise_multiplicity)
+        latents = batch.latents.repeat_interleave(k, dim=0)
+        states = batch.encoder_hidden_states.repeat_interleave(k, dim=0)
+        noise, timesteps = self.sample_noise(latents)
+        rows = denoising_loss(self.components.unet, self.components.noise_scheduler, latents, states, noise, timesteps)
+        per_example = rows.view(-1, k).mean(dim=1)
+        return per_example.sum(), {"loss": per_example.mean().detach().item()}
+
+    def per_example_grads(self, n: int) -> list[torch.Tensor]:
+        """Per-example gradients [n, *shape] (fp32) from the hooks' K rows per example; clears them."""
+        k = int(self.cfg.dp.noise_multiplicity)
+        grads = []
+        for p in self.trainable:
+            sample = getattr(p, "grad_sample", None)
+            if sample is None:
+                raise DPSGDError("Opacus computed no per-example gradient for a LoRA parameter: its hooks are not on the "
+                                 "modules the optimizer trains, so DP-SGD would update nothing (or leak unclipped gradients)")
+            if isinstance(sample, list):
+                sample = torch.stack(sample).sum(0)
+            grads.append(sample.float().view(n, k, *p.shape).sum(dim=1))
+            p.grad_sample = None
+            p.grad = None
+        return grads
+
+    def clip(self, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each example's gradient scaled to norm <= C; returns the scaled gradients and the norms before."""
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
+        factor = (float(self.cfg.dp.max_grad_norm) / (norms + 1e-6)).clamp(max=1.0)
+        return [g * factor.view(-1, *([1] * (g.ndim - 1))) for g in grads], norms
+
+    def noise(self, like: torch.Tensor) -> torch.Tensor:
+        if self.budget.noise_multiplier == 0:
+            return torch.zeros_like(like)
+        std = self.budget.noise_multiplier * float(self.cfg.dp.max_grad_norm)
+        return (torch.randn(like.shape, generator=self.dp_state.generator, dtype=torch.float32) * std).to(like.device)
+
+    def optimizer_step(self, micro_step: int) -> dict:
+        """One DP-SGD step: per-example grads over the logical batch, clip, sum, noise, divide by E|B|."""
+        acc = self.accelerator
+        step = self.state.step
+        total = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.trainable]
+        losses, norms, size = [], [], 0
+        for c in range(self.schedule.num_chunks(step)):
+            batch = self.micro_batch(step * self.schedule.chunks_per_step + c)
+            loss, logs = self.compute_loss(batch)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                acc.backward(loss)
+            clipped, n = self.clip(self.per_example_grads(len(batch.rows)))
+            for t, g in zip(total, clipped):
+                t += g.sum(dim=0)
+            losses.append(logs["loss"] * len(batch.rows))
+            norms.append(n)
+            size += len(batch.rows)
+        before = None if self._update_checked else [p.detach().clone() for p in self.trainable]
+        for p, t in zip(self.trainable, total):
+            p.grad = ((t + self.noise(t)) / self.expected_batch).to(p.dtype)
+        moves = self.optimizer.param_groups[0]["lr"] > 0 and any(bool(p.grad.abs().sum() > 0) for p in self.trainable)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accountant.step(noise_multiplier=self.budget.noise_multiplier, sample_rate=self.budget.sample_rate)
+        if before is not None:
+            self._check_update(before, moves)
+        logs = {"batch_size": float(size)}
+        if size:
+            all_norms = torch.cat(norms)
+            logs["loss"] = sum(losses) / size
+            logs["grad_norm"] = float(all_norms.mean())
+            logs["clipped_fraction"] = float((all_norms > float(self.cfg.dp.max_grad_norm)).float().mean())
+        return logs
+
+    def _check_update(self, before: list[torch.Tensor], moves: bool) -> None:
+        """The known silent failure: the optimizer stepped with a non-zero gradient and lr, but no LoRA weight moved."""
+        if not moves:
+            return
+        if all(torch.equal(b, p.detach()) for b, p in zip(before, self.trainable)):
+            raise DPSGDError("the LoRA weights did not change after the first DP-SGD step although the noisy gradient is "
+                             "non-zero: the optimizer does not hold the parameters Opacus computes gradients for")
+        self._update_checked = True
+
+    # ------------------------------------------------------------------ budget
+    def epsilon(self, history=None) -> float:
+        accountant = self.accountant if history is None else make_accountant(self.budget.accountant, history)
+        return epsilon_spent(accountant, self.budget.delta)
+
+    def step_logs(self) -> dict:
+        return {"epsilon": self.epsilon()}
+
+    def should_stop(self) -> bool:
+        """Stop before a step that would take epsilon past dp.target_epsilon."""
+        target = self.budget.target_epsilon
+        if target is None or self.state.step >= self.cfg.train.max_steps:
+            return False
+        nxt = make_accountant(self.budget.accountant, self.accountant.history)
+        nxt.step(noise_multiplier=self.budget.noise_multiplier, sample_rate=self.budget.sample_rate)
+        eps = self.epsilon(nxt.history)
+        if eps > target:
+            self.stop_reason = f"one more step would spend epsilon={eps:.4g} > dp.target_epsilon={target:g}"
+            return True
+        return False
+
+    def privacy_summary(self) -> dict:
+        dp = self.cfg.dp
+        steps = sum(n for _, _, n in self.accountant.history)
+        return {
+            "epsilon": self.epsilon(), "delta": self.budget.delta, "noise_multiplier": self.budget.noise_multiplier,
+            "sample_rate": self.budget.sample_rate, "steps": steps, "accountant": self.budget.accountant,
+            "max_grad_norm": float(dp.max_grad_norm), "noise_multiplicity": int(dp.noise_multiplicity),
+            "target_epsilon": self.budget.target_epsilon, "poisson": bool(dp.poisson),
+        }
+
+    # ------------------------------------------------------------------ evaluation without hooks
+    def validate(self, step: int):
+        self.grad_sampler.disable_hooks()
+        try:
+            return super().validate(step)
+        finally:
+            self.grad_sampler.enable_hooks()
+
+    def finish(self) -> None:
+        """Remove the Opacus hooks and per-sample buffers before export, validation and evaluation."""
+        self.grad_sampler.remove_hooks()
+        for module in self.grad_sampler.modules():
+            if hasattr(module, "activations"):
+                del module.activations
+        for p in self.trainable:
+            for attr in ("grad_sample", "_forward_counter"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+        super().finish()

@@ -1,0 +1,216 @@
+"""The DP-SGD trainer: per-example clipping, noise multiplicity, noise scale, accounting, Poisson sampling, resume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from privtune.export import LORA_FILE
+from privtune.train import main
+
+from .conftest import train_args
+
+torch.set_num_threads(1)
+
+
+def dp_args(run_dir, *extra, steps=4):
+    return ["recipe=dpsgd", *train_args(run_dir, steps=steps)[1:], *extra]
+
+
+def make_trainer(run_dir, *overrides, steps=4):
+    from privtune.config import load_config
+    from privtune.trainers import get_trainer
+
+    return get_trainer("dpsgd")(load_config("dpsgd", dp_args(run_dir, *overrides, steps=steps)[1:]))
+
+
+def prepared(run_dir, *overrides):
+    trainer = make_trainer(run_dir, *overrides)
+    for stage in ("validate_config", "setup_accelerator", "check_run_dir", "setup_data", "setup_model", "setup_optimizer", "prepare"):
+        getattr(trainer, stage)()
+    return trainer
+
+
+def lora_weights(run_dir):
+    return load_file(str(run_dir / "lora" / LORA_FILE))
+
+
+def test_per_example_gradients_are_k_draw_means_clipped(tmp_path, base_model):
+    """Hooks + K-row aggregation + clipping equal a per-example, per-draw loop of plain autograd."""
+    k, c = 3, 0.05
+    trainer = prepared(tmp_path / "run", f"model.base={base_model}", "dp.target_epsilon=null", "dp.noise_multiplier=0",
+                       f"dp.max_grad_norm={c}", f"dp.noise_multiplicity={k}", "dp.poisson=false", "train.batch_size=3")
+    batch = trainer.micro_batch(0)
+    n = len(batch.rows)
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn((n * k, *batch.latents.shape[1:]), generator=gen)
+    timesteps = torch.randint(0, 1000, (n * k,), generator=gen)
+    trainer.sample_noise = lambda latents: (noise[:len(latents)], timesteps[:len(latents)])
+    loss, _ = trainer.compute_loss(batch)
+    loss.backward()
+    grads = trainer.per_example_grads(n)
+    clipped, norms = trainer.clip(grads)
+
+    trainer.grad_sampler.disable_hooks()
+    from privtune.losses import denoising_loss
+
+    comps = trainer.components
+    for i in range(n):
+        draws = []
+        for j in range(k):
+            r = i * k + j
+            row = denoising_loss(comps.unet, comps.noise_scheduler, batch.latents[i:i + 1],
+                                 batch.encoder_hidden_states[i:i + 1], noise[r:r + 1], timesteps[r:r + 1])
+            draws.append(torch.autograd.grad(row.sum(), trainer.trainable, allow_unused=True))
+        ref = [torch.stack([d[p] if d[p] is not None else torch.zeros_like(trainer.trainable[p]) for d in draws]).mean(0)
+               for p in range(len(trainer.trainable))]
+        for got, want in zip(grads, ref):
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-7)
+        ref_norm = torch.sqrt(sum((w ** 2).sum() for w in ref))
+        assert torch.isclose(norms[i], ref_norm, rtol=1e-4)
+        clipped_norm = torch.sqrt(sum((g[i] ** 2).sum() for g in clipped))
+        assert clipped_norm <= c * (1 + 1e-5)
+        scale = min(1.0, c / float(ref_norm))
+        for got, want in zip(clipped, ref):
+            torch.testing.assert_close(got[i], want * scale, rtol=1e-4, atol=1e-8)
+    assert (norms > c).any(), "the clipping norm should bind for some example"
+
+
+def test_noise_std_and_only_lora_changes(tmp_path, base_model):
+    """With a tiny C the gradient is noise of std sigma*C / E|B| per coordinate; base weights never move."""
+    sigma, c = 2.0, 1e-6
+    trainer = prepared(tmp_path / "run", f"model.base={base_model}", "dp.target_epsilon=null",
+                       f"dp.noise_multiplier={sigma}", f"dp.max_grad_norm={c}", "dp.noise_seed=5")
+    unet = trainer.accelerator.unwrap_model(trainer.components.unet)
+    base = {n: p.detach().clone() for n, p in unet.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+    assert base and lora and all("lora_" in n for n in lora)
+    seen = []
+    step = trainer.optimizer.step
+
+    def record(*args, **kwargs):
+        seen.append(torch.cat([p.grad.flatten() for p in trainer.trainable]) * trainer.expected_batch)
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record
+    for s in range(2):
+        trainer.optimizer_step(s)
+        trainer.state.step += 1
+    noise = torch.cat(seen)
+    assert noise.numel() > 20000
+    assert abs(noise.std().item() / (sigma * c) - 1) < 0.03
+    assert abs(noise.mean().item()) < 0.03 * sigma * c
+    for n, p in unet.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), n
+    assert any(not torch.equal(p, lora[n]) for n, p in unet.named_parameters() if n in lora)
+    assert trainer.privacy_summary()["steps"] == 2
+
+
+def test_no_noise_no_clipping_is_plain_lora(tmp_path, base_model):
+    lora_run, dp_run = tmp_path / "lora", tmp_path / "dp"
+    assert main(train_args(lora_run, f"model.base={base_model}", "train.max_grad_norm=0", steps=3)) == 0
+    assert main(dp_args(dp_run, f"model.base={base_model}", "dp.target_epsilon=null", "dp.noise_multiplier=0",
+                        "dp.max_grad_norm=.inf", "dp.noise_multiplicity=1", "dp.poisson=false", steps=3)) == 0
+    a, b = lora_weights(lora_run), lora_weights(dp_run)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_poisson_schedule():
+    from privtune.trainers.dpsgd import DPSchedule
+
+    sched = DPSchedule(200, 10, 4, seed=3, poisson=True, random_flip=True)
+    sizes = np.array([len(sched.logical(s)[0]) for s in range(3000)])
+    assert abs(sizes.mean() - 10) < 0.25
+    assert abs(sizes.var() - 200 * 0.05 * 0.95) < 1.0
+    again = DPSchedule(200, 10, 4, seed=3, poisson=True, random_flip=True)
+    for s in (0, 17, 2999):
+        rows, flips = sched.logical(s)
+        assert np.array_equal(rows, again.logical(s)[0]) and np.array_equal(flips, again.logical(s)[1])
+        chunks = [sched.rows(s * sched.chunks_per_step + c)[0] for c in range(sched.num_chunks(s))]
+        assert all(len(ch) <= 4 for ch in chunks)
+        assert np.array_equal(np.concatenate(chunks) if chunks else np.array([], dtype=int), rows)
+    assert not np.array_equal(sched.logical(1)[0], DPSchedule(200, 10, 4, seed=4, poisson=True, random_flip=False).logical(1)[0])
+
+
+def opacus_epsilon(accountant, sigma, q, steps, delta):
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(sigma, q, steps)]
+    return acc.get_epsilon(delta=delta)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "gdp", "prv"])
+def test_calibrated_budget_matches_opacus(accountant):
+    from omegaconf import OmegaConf
+
+    from privtune.privacy import plan_budget
+
+    dp = OmegaConf.create({"target_epsilon": 4.0, "delta": None, "noise_multiplier": None, "max_grad_norm": 1.0,
+                           "accountant": accountant})
+    budget = plan_budget(dp, 500, 25, 200)
+    assert budget.sample_rate == 25 / 500 and budget.delta == 1 / 5000
+    eps = opacus_epsilon(accountant, budget.noise_multiplier, budget.sample_rate, 200, budget.delta)
+    assert 4.0 - 0.05 <= eps <= 4.0
+
+
+def test_epsilon_reported_and_target_stops_training(tmp_path, base_model):
+    """A fixed sigma with a target: training stops before the step that would exceed it; epsilon is Opacus'."""
+    q, sigma, delta = 4 / 8, 1.5, 1e-3
+    target = opacus_epsilon("rdp", sigma, q, 2, delta) * 1.001
+    trainer = make_trainer(tmp_path / "run", f"model.base={base_model}", f"dp.target_epsilon={target}",
+                           f"dp.noise_multiplier={sigma}", f"dp.delta={delta}", steps=6)
+    trainer.run()
+    summary = trainer.privacy_summary()
+    assert trainer.state.step == 2 and summary["steps"] == 2
+    assert summary["epsilon"] == pytest.approx(opacus_epsilon("rdp", sigma, q, 2, delta), rel=1e-12)
+    assert summary["epsilon"] <= target
+    assert {"epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "accountant", "max_grad_norm",
+            "noise_multiplicity"} <= summary.keys()
+    assert (tmp_path / "run" / "lora" / LORA_FILE).is_file()
+    assert not hasattr(trainer.grad_sampler, "autograd_grad_sample_hooks")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["dp.target_epsilon=0"], "target_epsilon must be > 0"),
+    (["dp.target_epsilon=-1"], "target_epsilon must be > 0"),
+    (["dp.delta=1"], "dp.delta must be in (0, 1)"),
+    (["dp.delta=0.2"], "not below 1/N"),
+    (["dp.target_epsilon=1", "train.max_steps=20000"], "noise multiplier above 100"),
+    (["dp.accountant=moments"], "dp.accountant must be one of"),
+    (["dp.target_epsilon=null"], "set dp.target_epsilon"),
+    (["dp.max_grad_norm=.inf"], "unbounded sensitivity"),
+    (["dp.noise_multiplicity=0"], "noise_multiplicity must be >= 1"),
+    (["train.max_grad_norm=1.0"], "train.max_grad_norm=0"),
+    (["train.batch_size=16"], "exceeds the 8 training examples"),
+])
+def test_bad_budgets_fail_before_training(tmp_path, base_model, capsys, args, message):
+    run = tmp_path / "run"
+    assert main(dp_args(run, f"model.base={base_model}", *args)) == 2
+    assert message in capsys.readouterr().err
+    assert not (run / "config.yaml").exists()
+
+
+def test_resume_equals_uninterrupted(tmp_path, base_model):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = (f"model.base={base_model}", "dp.target_epsilon=null", "dp.noise_multiplier=0.8", "dp.noise_multiplicity=2",
+              "dp.noise_seed=7", "lora.dropout=0.1")
+    a = make_trainer(full, *common, steps=4)
+    a.run()
+    make_trainer(part, *common, steps=2).run()
+    b = make_trainer(part, *common, "resume=latest", steps=4)
+    b.run()
+    wa, wb = lora_weights(full), lora_weights(part)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+    assert b.accountant.history == a.accountant.history
+    assert b.privacy_summary() == a.privacy_summary()
+    assert math.isfinite(a.privacy_summary()["epsilon"])
