@@ -125,11 +125,12 @@ def base_model_name(cfg) -> str:
     return "<local checkpoint>" if Path(base).exists() else base
 
 
-def pipeline_for(components, unet):
+def pipeline_for(components, unet, text_encoder=None):
+    """A DDIM StableDiffusionPipeline over `components` with the given (LoRA-adapted) UNet."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=unet,
+        vae=components.vae, text_encoder=text_encoder or components.text_encoder, tokenizer=components.tokenizer, unet=unet,
         scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )

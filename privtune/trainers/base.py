@@ -447,17 +447,11 @@ class Trainer:
     # ------------------------------------------------------------------ validation and export
     def pipeline(self):
         """A StableDiffusionPipeline over the current (LoRA-adapted) components, for sampling."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from ..eval.stage import pipeline_for
 
         comps = self.components
-        pipe = StableDiffusionPipeline(
-            vae=comps.vae, text_encoder=self.accelerator.unwrap_model(comps.text_encoder), tokenizer=comps.tokenizer,
-            unet=self.accelerator.unwrap_model(comps.unet),
-            scheduler=DDIMScheduler.from_config(comps.noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        text_encoder = self.accelerator.unwrap_model(comps.text_encoder)
+        return pipeline_for(comps, self.accelerator.unwrap_model(comps.unet), text_encoder)
 
     def validation_prompts(self) -> list[str]:
         prompts = self.cfg.train.validation_prompts
