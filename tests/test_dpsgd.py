@@ -109,13 +109,19 @@ def test_noise_std_and_only_lora_changes(tmp_path, base_model):
             assert torch.equal(p, base[n]), n
     assert any(not torch.equal(p, lora[n]) for n, p in unet.named_parameters() if n in lora)
     assert trainer.privacy_summary()["steps"] == 2
+    empty = next(s for s in range(2, 10000) if trainer.schedule.num_chunks(s) == 0)
+    trainer.state.step = empty
+    assert trainer.optimizer_step(0)["batch_size"] == 0.0
+    assert abs(seen[-1].std().item() / (sigma * c) - 1) < 0.05
+    assert trainer.privacy_summary()["steps"] == 3
 
 
-def test_no_noise_no_clipping_is_plain_lora(tmp_path, base_model):
+@pytest.mark.parametrize("batch", [["train.batch_size=4"], ["train.batch_size=2", "train.gradient_accumulation_steps=2"]])
+def test_no_noise_no_clipping_is_plain_lora(tmp_path, base_model, batch):
     lora_run, dp_run = tmp_path / "lora", tmp_path / "dp"
-    assert main(train_args(lora_run, f"model.base={base_model}", "train.max_grad_norm=0", steps=3)) == 0
+    assert main(train_args(lora_run, f"model.base={base_model}", "train.max_grad_norm=0", *batch, steps=3)) == 0
     assert main(dp_args(dp_run, f"model.base={base_model}", "dp.target_epsilon=null", "dp.noise_multiplier=0",
-                        "dp.max_grad_norm=.inf", "dp.noise_multiplicity=1", "dp.poisson=false", steps=3)) == 0
+                        "dp.max_grad_norm=.inf", "dp.noise_multiplicity=1", "dp.poisson=false", *batch, steps=3)) == 0
     a, b = lora_weights(lora_run), lora_weights(dp_run)
     assert a.keys() == b.keys()
     for key in a:
@@ -166,7 +172,8 @@ def test_epsilon_reported_and_target_stops_training(tmp_path, base_model):
     q, sigma, delta = 4 / 8, 1.5, 1e-3
     target = opacus_epsilon("rdp", sigma, q, 2, delta) * 1.001
     trainer = make_trainer(tmp_path / "run", f"model.base={base_model}", f"dp.target_epsilon={target}",
-                           f"dp.noise_multiplier={sigma}", f"dp.delta={delta}", steps=6)
+                           f"dp.noise_multiplier={sigma}", f"dp.delta={delta}", "train.validation_every=1",
+                           "train.validation_inference_steps=2", steps=6)
     trainer.run()
     summary = trainer.privacy_summary()
     assert trainer.state.step == 2 and summary["steps"] == 2
@@ -174,8 +181,23 @@ def test_epsilon_reported_and_target_stops_training(tmp_path, base_model):
     assert summary["epsilon"] <= target
     assert {"epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "accountant", "max_grad_norm",
             "noise_multiplicity"} <= summary.keys()
-    assert (tmp_path / "run" / "lora" / LORA_FILE).is_file()
+    for name in (f"lora/{LORA_FILE}", "validation/step-000001.png", "validation/step-000002.png"):
+        assert (tmp_path / "run" / name).is_file(), name
     assert not hasattr(trainer.grad_sampler, "autograd_grad_sample_hooks")
+
+
+def test_silent_failures_are_errors(tmp_path, base_model):
+    """No weight moving after the first step, or LoRA modules without per-example gradients, stop the run."""
+    from privtune.trainers.dpsgd import DPSGDError
+
+    trainer = prepared(tmp_path / "run", f"model.base={base_model}", "dp.target_epsilon=null", "dp.noise_multiplier=1",
+                       "dp.noise_seed=1")
+    trainer.optimizer.step = lambda *args, **kwargs: None
+    with pytest.raises(DPSGDError, match="did not change"):
+        trainer.optimizer_step(0)
+    trainer.grad_sampler.remove_hooks()
+    with pytest.raises(DPSGDError, match="no per-example gradient"):
+        trainer.optimizer_step(0)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -203,8 +203,11 @@ class DPSGDTrainer(Trainer):
         return (torch.randn(like.shape, generator=self.dp_state.generator, dtype=torch.float32) * std).to(like.device)
 
     def optimizer_step(self, micro_step: int) -> dict:
-        """One DP-SGD step: per-example grads over the logical batch, clip, sum, noise, divide by E|B|."""
-        acc = self.accelerator
+        """One DP-SGD step: per-example grads over the logical batch, clip, sum, noise, divide by E|B|.
+
+        `loss.backward()`, not `accelerator.backward`: the latter divides by the accumulation steps, which
+        would scale the per-example gradients before clipping (fp16 loss scaling is refused for the same reason).
+        """
         step = self.state.step
         total = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.trainable]
         losses, norms, size = [], [], 0
@@ -213,7 +216,7 @@ class DPSGDTrainer(Trainer):
             loss, logs = self.compute_loss(batch)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                acc.backward(loss)
+                loss.backward()
             clipped, n = self.clip(self.per_example_grads(len(batch.rows)))
             for t, g in zip(total, clipped):
                 t += g.sum(dim=0)
