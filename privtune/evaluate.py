@@ -102,8 +102,10 @@ def evaluate(argv) -> dict:
     load_lora(components, lora_dir)
     components.unet.to(accelerator.device)
     out.mkdir(parents=True, exist_ok=True)
+    # The LoRA's card describes the run's own report: only re-write it when the report goes back there.
+    card_dir = lora_dir if run is not None and out.resolve() == run.resolve() else None
     report = evaluate_model(cfg=cfg, components=components, unet=components.unet, split=split, run_dir=out,
-                            accelerator=accelerator, lora_dir=lora_dir if run is not None else None)
+                            accelerator=accelerator, lora_dir=card_dir)
     return report
 
 

@@ -53,7 +53,9 @@ def test_report_and_card_after_training(evaluated_run):
 
 def test_standalone_evaluate_matches_automatic_stage(evaluated_run, tmp_path, base_model):
     out = tmp_path / "again"
+    card = (evaluated_run / "lora" / "README.md").read_bytes()
     assert evaluate_main([f"run={evaluated_run}", f"out={out}"]) == 0
+    assert (evaluated_run / "lora" / "README.md").read_bytes() == card  # a report elsewhere leaves the run's card alone
     first = json.loads((evaluated_run / "report.json").read_text())
     again = json.loads((out / "report.json").read_text())
     for name in first["attacks"]:
