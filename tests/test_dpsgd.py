@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -173,7 +174,8 @@ def test_epsilon_reported_and_target_stops_training(tmp_path, base_model):
     target = opacus_epsilon("rdp", sigma, q, 2, delta) * 1.001
     trainer = make_trainer(tmp_path / "run", f"model.base={base_model}", f"dp.target_epsilon={target}",
                            f"dp.noise_multiplier={sigma}", f"dp.delta={delta}", "train.validation_every=1",
-                           "train.validation_inference_steps=2", steps=6)
+                           "train.validation_inference_steps=2", "eval.enabled=true", "eval.attacks=[loss]", "eval.utility=false",
+                           "eval.bootstrap=20", "eval.attack_params={loss: {timesteps: [100], draws: 1}}", steps=6)
     trainer.run()
     summary = trainer.privacy_summary()
     assert trainer.state.step == 2 and summary["steps"] == 2
@@ -184,6 +186,9 @@ def test_epsilon_reported_and_target_stops_training(tmp_path, base_model):
     for name in (f"lora/{LORA_FILE}", "validation/step-000001.png", "validation/step-000002.png"):
         assert (tmp_path / "run" / name).is_file(), name
     assert not hasattr(trainer.grad_sampler, "autograd_grad_sample_hooks")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["privacy"]["epsilon"] == pytest.approx(summary["epsilon"])
+    assert report["privacy"]["noise_multiplicity"] == summary["noise_multiplicity"]
 
 
 def test_silent_failures_are_errors(tmp_path, base_model):

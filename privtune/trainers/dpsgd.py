@@ -183,8 +183,6 @@ class DPSGDTrainer(Trainer):
             if sample is None:
                 raise DPSGDError("Opacus computed no per-example gradient for a LoRA parameter: its hooks are not on the "
                                  "modules the optimizer trains, so DP-SGD would update nothing (or leak unclipped gradients)")
-            if isinstance(sample, list):
-                sample = torch.stack(sample).sum(0)
             grads.append(sample.float().view(n, k, *p.shape).sum(dim=1))
             p.grad_sample = None
             p.grad = None
