@@ -85,7 +85,7 @@ def test_noise_std_and_only_lora_changes(tmp_path, base_model):
     """With a tiny C the gradient is noise of std sigma*C / E|B| per coordinate; base weights never move."""
     sigma, c = 2.0, 1e-6
     trainer = prepared(tmp_path / "run", f"model.base={base_model}", "dp.target_epsilon=null",
-                       f"dp.noise_multiplier={sigma}", f"dp.max_grad_norm={c}", "dp.noise_seed=5")
+                       f"dp.noise_multiplier={sigma}", f"dp.max_grad_norm={c}", "dp.noise_seed=5", "dp.noise_multiplicity=2")
     unet = trainer.accelerator.unwrap_model(trainer.components.unet)
     base = {n: p.detach().clone() for n, p in unet.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
@@ -173,7 +173,7 @@ def test_epsilon_reported_and_target_stops_training(tmp_path, base_model):
     q, sigma, delta = 4 / 8, 1.5, 1e-3
     target = opacus_epsilon("rdp", sigma, q, 2, delta) * 1.001
     trainer = make_trainer(tmp_path / "run", f"model.base={base_model}", f"dp.target_epsilon={target}",
-                           f"dp.noise_multiplier={sigma}", f"dp.delta={delta}", "train.validation_every=1",
+                           f"dp.noise_multiplier={sigma}", f"dp.delta={delta}", "dp.noise_multiplicity=2", "train.validation_every=1",
                            "train.validation_inference_steps=2", "eval.enabled=true", "eval.attacks=[loss]", "eval.utility=false",
                            "eval.bootstrap=20", "eval.attack_params={loss: {timesteps: [100], draws: 1}}", steps=6)
     trainer.run()
@@ -196,7 +196,7 @@ def test_silent_failures_are_errors(tmp_path, base_model):
     from privtune.trainers.dpsgd import DPSGDError
 
     trainer = prepared(tmp_path / "run", f"model.base={base_model}", "dp.target_epsilon=null", "dp.noise_multiplier=1",
-                       "dp.noise_seed=1")
+                       "dp.noise_seed=1", "dp.noise_multiplicity=2")
     trainer.optimizer.step = lambda *args, **kwargs: None
     with pytest.raises(DPSGDError, match="did not change"):
         trainer.optimizer_step(0)
