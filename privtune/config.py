@@ -50,17 +50,19 @@ def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if parent is None:
         return node
     base = _load_chain(recipe_path(str(parent)), seen + (path.resolve(),))
-    return merge_strict(base, node, source=str(path))
+    return merge_strict(base, node, source=str(path), allow_new_sections=True)
 
 
 def _valid_keys(node: DictConfig, prefix: str) -> str:
     return ", ".join(f"{prefix}{k}" for k in node.keys())
 
 
-def _check_keys(base: Any, update: Any, prefix: str, source: str) -> None:
+def _check_keys(base: Any, update: Any, prefix: str, source: str, allow_new_sections: bool = False) -> None:
     if not isinstance(update, DictConfig) or not isinstance(base, DictConfig) or len(base) == 0:
         return  # an empty mapping in the parent is a free-form section (e.g. eval.attack_params)
     for key in update.keys():
+        if allow_new_sections and key not in base and isinstance(update[key], DictConfig):
+            continue  # a defense recipe adds its own section (e.g. dp:); its keys become the strict schema
         if key not in base:
             raise ConfigError(
                 f"unknown key '{prefix}{key}' in {source}; valid keys here: {_valid_keys(base, prefix)}"
@@ -71,9 +73,9 @@ def _check_keys(base: Any, update: Any, prefix: str, source: str) -> None:
             _check_keys(base[key], update[key], f"{prefix}{key}.", source)
 
 
-def merge_strict(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
-    """Merge `update` over `base`, refusing keys that `base` lacks."""
-    _check_keys(base, update, "", source)
+def merge_strict(base: DictConfig, update: DictConfig, source: str, allow_new_sections: bool = False) -> DictConfig:
+    """Merge `update` over `base`, refusing keys that `base` lacks (a child recipe may add whole sections)."""
+    _check_keys(base, update, "", source, allow_new_sections)
     return OmegaConf.merge(base, update)
 
 

@@ -58,3 +58,13 @@ def test_8bit_on_cpu_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "optim.use_8bit" in err and "CUDA" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_child_recipe_may_add_a_section_which_is_then_strict(tmp_path):
+    child = tmp_path / "defense.yaml"
+    child.write_text("inherits: lora\ntrainer: lora\nmydefense:\n  strength: 2\n")
+    assert load_config(str(child), ["mydefense.strength=3"]).mydefense.strength == 3
+    with pytest.raises(ConfigError, match="unknown key 'mydefense.strenght'"):
+        load_config(str(child), ["mydefense.strenght=3"])
+    with pytest.raises(ConfigError, match="unknown key 'mydefense'"):
+        load_config("lora", ["mydefense.strength=3"])
