@@ -75,3 +75,13 @@ def base_model(tmp_path_factory) -> str:
     )
     pipe.save_pretrained(out)
     return str(out)
+
+
+SETUP_STAGES = ("validate_config", "setup_accelerator", "check_run_dir", "setup_data", "setup_model", "setup_optimizer", "prepare")
+
+
+def prepare_trainer(trainer):
+    """Run a trainer's setup stages (no training), for tests that drive single steps."""
+    for stage in SETUP_STAGES:
+        getattr(trainer, stage)()
+    return trainer

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from privtune.export import LORA_FILE
 from privtune.train import main
 
-from .conftest import train_args
+from .conftest import prepare_trainer, train_args
 
 torch.set_num_threads(1)
 
@@ -30,10 +30,7 @@ def make_trainer(run_dir, *overrides, steps=4):
 
 
 def prepared(run_dir, *overrides):
-    trainer = make_trainer(run_dir, *overrides)
-    for stage in ("validate_config", "setup_accelerator", "check_run_dir", "setup_data", "setup_model", "setup_optimizer", "prepare"):
-        getattr(trainer, stage)()
-    return trainer
+    return prepare_trainer(make_trainer(run_dir, *overrides))
 
 
 def lora_weights(run_dir):

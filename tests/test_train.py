@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from privtune.export import KOHYA_FILE, LORA_FILE
 from privtune.train import main
 
-from .conftest import REPO, make_image_folder, train_args
+from .conftest import REPO, make_image_folder, prepare_trainer, train_args
 
 
 def lora_weights(run_dir: Path) -> dict:
@@ -67,10 +67,7 @@ def _prepared_trainer(run_dir, *overrides):
     from privtune.config import load_config
     from privtune.trainers import get_trainer
 
-    trainer = get_trainer("lora")(load_config("lora", train_args(run_dir, *overrides)[1:]))
-    for stage in ("validate_config", "setup_accelerator", "check_run_dir", "setup_data", "setup_model", "setup_optimizer", "prepare"):
-        getattr(trainer, stage)()
-    return trainer
+    return prepare_trainer(get_trainer("lora")(load_config("lora", train_args(run_dir, *overrides)[1:])))
 
 
 def test_cached_inputs_equal_uncached(tmp_path, base_model):
