@@ -182,17 +182,21 @@ class BareStep:
             dist = self.vae.encode(self.pixels[rows].to(self.device)).latent_dist
             latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.generator).to(self.device)) * self.scaling
             states = self.text_encoder(self.ids[rows].to(self.device), return_dict=False)[0]
-        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
-        t = torch.randint(0, self.n_train_steps, (latents.shape[0],), generator=self.generator).to(self.device)
-        noisy = self.scheduler.add_noise(latents, noise, t)
-        pred = self.unet(noisy, t, encoder_hidden_states=states, return_dict=False)[0]
-        loss = F.mse_loss(pred, noise)
-        loss.backward()
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return bare_update(self, latents, states, self.n_train_steps)
+
+
+def bare_update(step, latents, states, n_train_steps: int) -> float:
+    """The hand-written update both bare loops share: noise, UNet, MSE, backward, clip, AdamW."""
+    noise = torch.randn(latents.shape, generator=step.generator).to(step.device)
+    t = torch.randint(0, n_train_steps, (latents.shape[0],), generator=step.generator).to(step.device)
+    pred = step.unet(step.scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=states, return_dict=False)[0]
+    loss = F.mse_loss(pred, noise)
+    loss.backward()
+    if step.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(step.params, step.max_grad_norm)
+    step.optimizer.step()
+    step.optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def image_tensor(image, resolution: int) -> torch.Tensor:
@@ -225,17 +229,7 @@ class Sd15Bare:
         self.generator = torch.Generator().manual_seed(0)
 
     def __call__(self) -> float:
-        noise = torch.randn(self.latents.shape, generator=self.generator).to(self.device)
-        t = torch.randint(0, 1000, (self.latents.shape[0],), generator=self.generator).to(self.device)
-        pred = self.unet(self.scheduler.add_noise(self.latents, noise, t), t, encoder_hidden_states=self.states,
-                         return_dict=False)[0]
-        loss = F.mse_loss(pred, noise)
-        loss.backward()
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return bare_update(self, self.latents, self.states, 1000)
 
 
 def sd15_variants(run_dir: Path, base: str, batch_size: int, device: torch.device, unet_config: dict) -> dict:
