@@ -36,18 +36,35 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class TrainState:
-    """What accelerate does not checkpoint by itself: the step and our noise generator."""
+    """The step, checkpointed, and this process's generator for latent sampling, noise and timesteps.
+
+    The generator is re-seeded from (seed, process index, step, micro-batch) before every micro-batch
+    (and at the start of every step, for trainers with their own `optimizer_step`), so its draws are a
+    pure function of the step: a resumed run draws exactly what an uninterrupted one would, with nothing
+    per-process to checkpoint (accelerate saves custom state from the main process only).
+    """
 
     def __init__(self, seed: int, rank: int):
+        self.seed = seed
+        self.rank = rank
         self.step = 0
-        self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
+        self.generator = torch.Generator()
+        self.reseed()
+
+    def reseed(self, micro: int = 0, rank: int | None = None) -> None:
+        """Seed the generator for micro-batch `micro` of the current step (`rank` overrides the process index)."""
+        self.generator.manual_seed(step_seed(self.seed, self.rank if rank is None else rank, self.step, micro))
 
     def state_dict(self) -> dict:
-        return {"step": torch.tensor(self.step), "generator": self.generator.get_state()}
+        return {"step": torch.tensor(self.step)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
-        self.generator.set_state(state["generator"])
+
+
+def step_seed(*keys: int) -> int:
+    """A 63-bit seed derived from integer keys (numpy's SeedSequence mixes them well)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -397,6 +414,7 @@ class Trainer:
         logs: dict = {}
         accum = self.cfg.train.gradient_accumulation_steps
         for a in range(accum):
+            self.state.reseed(a)
             batch = self.micro_batch(micro_step + a)
             with acc.accumulate(self.components.unet):
                 loss, logs = self.compute_loss(batch)
@@ -414,6 +432,7 @@ class Trainer:
         start = self.state.step
         bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"train {self.name}", disable=not self.is_main, dynamic_ncols=True)
         while self.state.step < cfg.train.max_steps:
+            self.state.reseed()
             logs = self.optimizer_step(self.state.step * cfg.train.gradient_accumulation_steps)
             self.state.step += 1
             step = self.state.step

@@ -14,9 +14,16 @@ clipping to `dp.max_grad_norm`, so sensitivity and accounting are those of one e
 and noise are applied here rather than by Opacus' DPOptimizer because of that K-row aggregation;
 the Opacus accountants (rdp | prv | gdp) and `get_noise_multiplier` give the budget.
 
-The noise generator is seeded from OS entropy per run (or `dp.noise_seed`) and kept only in the
+Under `accelerate launch` the logical batch (Poisson over the whole training set, expected size
+train.batch_size x gradient_accumulation_steps x processes) is cut into chunks dealt round-robin to
+the processes; each process sums its clipped per-example gradients, one all-reduce sums them, and
+every process adds the *same* Gaussian draw (a generator seeded identically everywhere), so noise
+enters exactly once per logical step and the processes stay in lockstep. The UNet is used outside
+its DDP wrapper because processes run different numbers of chunks. Each chunk's latent, timestep
+and noise draws are seeded from (seed, step, chunk), so a run gives the same model on any number of
+processes. The noise seed comes from OS entropy per run (or `dp.noise_seed`) and is kept only in the
 checkpoints; the Poisson batches are a pure function of (seed, step), so amplification by
-subsampling assumes the run's seed stays private. Single process only.
+subsampling assumes the run's seed stays private.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 from ..errors import ConfigError, PrivtuneError
 from ..losses import denoising_loss
 from ..privacy import ACCOUNTANTS, epsilon_spent, make_accountant, plan_budget
-from .base import Batch, Trainer
+from .base import Batch, Trainer, step_seed
 from .registry import TRAINERS
 from .sampling import BatchSchedule
 
@@ -41,25 +48,29 @@ class DPSGDError(PrivtuneError):
 
 
 class DPSchedule:
-    """The logical batch of every step (Poisson or shuffled) cut into physical chunks of `chunk` rows.
+    """The logical batch of every step (Poisson or shuffled) cut into chunks of `chunk` rows.
 
     A pure function of (seed, step): a resumed run draws exactly the batches of an uninterrupted one.
-    Micro-step `step * chunks_per_step + c` addresses chunk c of step `step`.
+    Chunk c of a step goes to process c % world_size; micro-step `step * chunks_per_step + c`
+    addresses chunk c of step `step`.
     """
 
-    def __init__(self, num_rows: int, expected: int, chunk: int, seed: int, poisson: bool, random_flip: bool):
+    def __init__(self, num_rows: int, expected: int, chunk: int, seed: int, poisson: bool, random_flip: bool,
+                 rank: int = 0, world_size: int = 1):
         self.num_rows = num_rows
         self.sample_rate = expected / num_rows
         self.chunk = chunk
         self.seed = seed
         self.poisson = poisson
         self.random_flip = random_flip
+        self.rank = rank
+        self.world_size = world_size
         self.chunks_per_step = math.ceil(num_rows / chunk)
         self._shuffle = BatchSchedule(num_rows, expected, seed, 0, 1, random_flip)
         self._cached: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
 
     def logical(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """All rows (and flip flags) of step `step`."""
+        """All rows (and flip flags) of step `step`, over all processes."""
         if self._cached is not None and self._cached[0] == step:
             return self._cached[1]
         if self.poisson:
@@ -75,7 +86,12 @@ class DPSchedule:
         return out
 
     def num_chunks(self, step: int) -> int:
+        """Chunks of the whole logical batch of `step`."""
         return math.ceil(len(self.logical(step)[0]) / self.chunk)
+
+    def local_chunks(self, step: int) -> range:
+        """The chunk indices this process computes at `step`."""
+        return range(self.rank, self.num_chunks(step), self.world_size)
 
     def rows(self, micro_step: int) -> tuple[np.ndarray, np.ndarray]:
         step, c = divmod(micro_step, self.chunks_per_step)
@@ -84,19 +100,27 @@ class DPSchedule:
 
 
 class DPState:
-    """Checkpointed DP state: the accountant's history and the noise generator."""
+    """Checkpointed DP state: the accountant's history and the noise seed (the same on every process).
+
+    The Gaussian noise of step t is drawn from a generator seeded with (noise seed, t), so resuming
+    needs only the seed, and every process draws the identical noise.
+    """
 
     def __init__(self, accountant, noise_seed: int):
         self.accountant = accountant
-        self.generator = torch.Generator().manual_seed(noise_seed)
+        self.noise_seed = noise_seed
+        self.generator = torch.Generator()
+
+    def begin_step(self, step: int) -> None:
+        self.generator.manual_seed(step_seed(self.noise_seed, step))
 
     def state_dict(self) -> dict:
         history = torch.tensor([list(h) for h in self.accountant.history], dtype=torch.float64).reshape(-1, 3)
-        return {"history": history, "generator": self.generator.get_state()}
+        return {"history": history, "noise_seed": torch.tensor(self.noise_seed, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict) -> None:
         self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"].tolist()]
-        self.generator.set_state(state["generator"])
+        self.noise_seed = int(state["noise_seed"])
 
 
 @TRAINERS.register("dpsgd")
@@ -129,14 +153,10 @@ class DPSGDTrainer(Trainer):
         if cfg.train.max_grad_norm:
             raise ConfigError("dpsgd clips per example with dp.max_grad_norm; set train.max_grad_norm=0")
 
-    def setup_accelerator(self) -> None:
-        super().setup_accelerator()
-        if self.accelerator.num_processes > 1:
-            raise ConfigError("dpsgd runs in a single process (one noise draw per step); launch it without accelerate multi-process")
-
     @property
     def expected_batch(self) -> int:
-        return self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps
+        """Expected logical batch over all processes (train.batch_size is per process, as everywhere)."""
+        return self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps * self.accelerator.num_processes
 
     def setup_data(self) -> None:
         super().setup_data()
@@ -144,16 +164,20 @@ class DPSGDTrainer(Trainer):
 
     # ------------------------------------------------------------------ model hooks and state
     def prepare(self) -> None:
+        from accelerate.utils import broadcast_object_list
         from opacus import GradSampleModule
 
         super().prepare()
         cfg = self.cfg
-        unet = self.accelerator.unwrap_model(self.components.unet)
-        self.grad_sampler = GradSampleModule(unet, batch_first=True, loss_reduction="sum", strict=True)
+        acc = self.accelerator
+        self.components.unet = acc.unwrap_model(self.components.unet)
+        self.grad_sampler = GradSampleModule(self.components.unet, batch_first=True, loss_reduction="sum", strict=True)
         self.schedule = DPSchedule(len(self.train_records), self.expected_batch, cfg.train.batch_size, cfg.seed,
-                                   bool(cfg.dp.poisson), cfg.data.random_flip)
-        seed = secrets.randbits(63) if cfg.dp.noise_seed is None else int(cfg.dp.noise_seed)
-        self.dp_state = DPState(make_accountant(self.budget.accountant), seed)
+                                   bool(cfg.dp.poisson), cfg.data.random_flip, acc.process_index, acc.num_processes)
+        seed = [secrets.randbits(63) if cfg.dp.noise_seed is None else int(cfg.dp.noise_seed)]
+        if acc.num_processes > 1:
+            broadcast_object_list(seed)
+        self.dp_state = DPState(make_accountant(self.budget.accountant), seed[0])
         self.accelerator.register_for_checkpointing(self.dp_state)
         self._update_checked = False
         if not cfg.dp.poisson and self.is_main:
@@ -208,19 +232,21 @@ class DPSGDTrainer(Trainer):
         """
         step = self.state.step
         total = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.trainable]
-        losses, norms, size = [], [], 0
-        for c in range(self.schedule.num_chunks(step)):
+        stats = torch.zeros(4, dtype=torch.float64)  # rows, loss sum, grad-norm sum, clipped rows
+        for c in self.schedule.local_chunks(step):
+            self.state.reseed(c, rank=0)  # chunk c's draws do not depend on which process computes it
             batch = self.micro_batch(step * self.schedule.chunks_per_step + c)
             loss, logs = self.compute_loss(batch)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
-            clipped, n = self.clip(self.per_example_grads(len(batch.rows)))
+            clipped, norms = self.clip(self.per_example_grads(len(batch.rows)))
             for t, g in zip(total, clipped):
                 t += g.sum(dim=0)
-            losses.append(logs["loss"] * len(batch.rows))
-            norms.append(n)
-            size += len(batch.rows)
+            stats += torch.tensor([len(batch.rows), logs["loss"] * len(batch.rows), float(norms.sum()),
+                                   float((norms > float(self.cfg.dp.max_grad_norm)).sum())], dtype=torch.float64)
+        total, stats = self.sum_over_processes(total, stats)
+        self.dp_state.begin_step(step)
         before = None if self._update_checked else [p.detach().clone() for p in self.trainable]
         for p, t in zip(self.trainable, total):
             p.grad = ((t + self.noise(t)) / self.expected_batch).to(p.dtype)
@@ -231,13 +257,23 @@ class DPSGDTrainer(Trainer):
         self.accountant.step(noise_multiplier=self.budget.noise_multiplier, sample_rate=self.budget.sample_rate)
         if before is not None:
             self._check_update(before, moves)
-        logs = {"batch_size": float(size)}
+        size, loss_sum, norm_sum, clipped = stats.tolist()
+        logs = {"batch_size": size}
         if size:
-            all_norms = torch.cat(norms)
-            logs["loss"] = sum(losses) / size
-            logs["grad_norm"] = float(all_norms.mean())
-            logs["clipped_fraction"] = float((all_norms > float(self.cfg.dp.max_grad_norm)).float().mean())
+            logs.update(loss=loss_sum / size, grad_norm=norm_sum / size, clipped_fraction=clipped / size)
         return logs
+
+    def sum_over_processes(self, total: list[torch.Tensor], stats: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Sum the clipped gradient sums and the log statistics of all processes (one all-reduce each)."""
+        if self.accelerator.num_processes == 1:
+            return total, stats
+        flat = self.accelerator.reduce(torch.cat([t.flatten() for t in total]), reduction="sum")
+        stats = self.accelerator.reduce(stats.to(self.device), reduction="sum").cpu()
+        out, offset = [], 0
+        for t in total:
+            out.append(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return out, stats
 
     def _check_update(self, before: list[torch.Tensor], moves: bool) -> None:
         """The known silent failure: the optimizer stepped with a non-zero gradient and lr, but no LoRA weight moved."""
