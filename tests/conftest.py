@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,17 @@ def prepare_trainer(trainer):
     for stage in SETUP_STAGES:
         getattr(trainer, stage)()
     return trainer
+
+
+def launch_two_processes(module: str, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `python -m module args` as two real CPU processes (a gloo group) under `accelerate launch`.
+
+    accelerate's `launch --cpu --num_processes 2` starts ONE process (its multi-CPU path needs mpirun);
+    `--multi_gpu` with ACCELERATE_USE_CPU=true goes through torchrun and gives two CPU processes.
+    """
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out

@@ -238,3 +238,26 @@ def test_resume_equals_uninterrupted(tmp_path, base_model):
     assert b.accountant.history == a.accountant.history
     assert b.privacy_summary() == a.privacy_summary()
     assert math.isfinite(a.privacy_summary()["epsilon"])
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path, base_model):
+    """Two `accelerate launch --cpu` processes train the same model, with the same epsilon, as one process
+    with the same logical batch: the clipped sums are all-reduced and the noise enters once per step."""
+    from .conftest import launch_two_processes
+
+    common = (f"model.base={base_model}", "dp.target_epsilon=null", "dp.noise_multiplier=0.8", "dp.noise_multiplicity=2",
+              "dp.noise_seed=7", "train.batch_size=2")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(dp_args(one, *common, "train.gradient_accumulation_steps=2", steps=3)) == 0
+    out = launch_two_processes("privtune.train", dp_args(two, *common, steps=3))
+    assert "on 2 processes (MULTI_CPU" in out.stdout
+    wa, wb = lora_weights(one), lora_weights(two)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6)
+    pa, pb = (json.loads((run / "privacy.json").read_text()) for run in (one, two))
+    assert pa == pb
+    n = len(json.loads((two / "split.json").read_text())["members"])
+    assert pb["sample_rate"] == pytest.approx(4 / n)
+    assert pb["epsilon"] == pytest.approx(opacus_epsilon("rdp", 0.8, 4 / n, 3, pb["delta"]), rel=1e-9)

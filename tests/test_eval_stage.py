@@ -1,8 +1,6 @@
 """The evaluation stage wired into training and the standalone `privtune.evaluate`."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -11,7 +9,7 @@ from privtune.evaluate import main as evaluate_main
 from privtune.export import LORA_FILE
 from privtune.train import main as train_main
 
-from .conftest import REPO, train_args
+from .conftest import launch_two_processes, train_args
 
 FAST_EVAL = (
     "eval.enabled=true", "eval.attacks=[loss,secmi,pia]", "eval.bootstrap=50",
@@ -106,10 +104,7 @@ def test_overlapping_manifest_is_refused(evaluated_run, tmp_path, base_model, ca
 @pytest.mark.slow
 def test_two_processes_give_the_same_scores(evaluated_run, tmp_path):
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "privtune.evaluate", f"run={evaluated_run}", f"out={out}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
+    launch_two_processes("privtune.evaluate", [f"run={evaluated_run}", f"out={out}"])
     one = json.loads((evaluated_run / "report.json").read_text())
     two = json.loads((out / "report.json").read_text())
     for name in one["attacks"]:

@@ -138,6 +138,9 @@ class Trainer:
         )
         set_seed(cfg.seed, device_specific=True)
         self.device = self.accelerator.device
+        if self.is_main:
+            n = self.accelerator.num_processes
+            print(f"privtune: {self.name} on {n} process{'es' if n > 1 else ''} ({self.accelerator.distributed_type.value}, {self.device})")
 
     @property
     def is_main(self) -> bool:

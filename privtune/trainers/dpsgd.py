@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, PrivtuneError
+from ..io import atomic_write_json
 from ..losses import denoising_loss
 from ..privacy import ACCOUNTANTS, epsilon_spent, make_accountant, plan_budget
 from .base import Batch, Trainer, step_seed
@@ -324,7 +325,7 @@ class DPSGDTrainer(Trainer):
             self.grad_sampler.enable_hooks()
 
     def finish(self) -> None:
-        """Remove the Opacus hooks and per-sample buffers before export, validation and evaluation."""
+        """Write privacy.json (the guarantee, even with eval off); remove the Opacus hooks before export and evaluation."""
         self.grad_sampler.remove_hooks()
         for module in self.grad_sampler.modules():
             if hasattr(module, "activations"):
@@ -333,4 +334,6 @@ class DPSGDTrainer(Trainer):
             for attr in ("grad_sample", "_forward_counter"):
                 if hasattr(p, attr):
                     delattr(p, attr)
+        if self.is_main:
+            atomic_write_json(self.run_dir / "privacy.json", self.privacy_summary())
         super().finish()
