@@ -52,6 +52,10 @@ def test_per_example_gradients_are_k_draw_means_clipped(tmp_path, base_model):
     loss.backward()
     grads = trainer.per_example_grads(n)
     clipped, norms = trainer.clip(grads)
+    total = [torch.zeros(p.shape) for p in trainer.trainable]
+    trainer.add_clipped_sum(total, grads)  # what the step aggregates: the sum of the clipped gradients
+    for t, g in zip(total, clipped):
+        torch.testing.assert_close(t, g.sum(dim=0), rtol=1e-5, atol=1e-8)
 
     trainer.grad_sampler.disable_hooks()
     from privtune.losses import denoising_loss

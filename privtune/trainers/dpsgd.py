@@ -139,6 +139,8 @@ class DPSGDTrainer(Trainer):
         dp = cfg.dp
         if dp.accountant not in ACCOUNTANTS:
             raise ConfigError(f"dp.accountant must be one of {', '.join(ACCOUNTANTS)} (got {dp.accountant!r})")
+        if dp.grad_sample not in ("hooks", "functorch"):
+            raise ConfigError(f"dp.grad_sample must be hooks or functorch (got {dp.grad_sample!r})")
         if int(dp.noise_multiplicity) < 1:
             raise ConfigError(f"dp.noise_multiplicity must be >= 1 (got {dp.noise_multiplicity})")
         if dp.target_epsilon is not None and not float(dp.target_epsilon) > 0:
@@ -172,7 +174,8 @@ class DPSGDTrainer(Trainer):
         cfg = self.cfg
         acc = self.accelerator
         self.components.unet = acc.unwrap_model(self.components.unet)
-        self.grad_sampler = GradSampleModule(self.components.unet, batch_first=True, loss_reduction="sum", strict=True)
+        self.grad_sampler = GradSampleModule(self.components.unet, batch_first=True, loss_reduction="sum", strict=True,
+                                             force_functorch=cfg.dp.grad_sample == "functorch")
         self.schedule = DPSchedule(len(self.train_records), self.expected_batch, cfg.train.batch_size, cfg.seed,
                                    bool(cfg.dp.poisson), cfg.data.random_flip, acc.process_index, acc.num_processes)
         seed = [secrets.randbits(63) if cfg.dp.noise_seed is None else int(cfg.dp.noise_seed)]
@@ -208,16 +211,28 @@ class DPSGDTrainer(Trainer):
             if sample is None:
                 raise DPSGDError("Opacus computed no per-example gradient for a LoRA parameter: its hooks are not on the "
                                  "modules the optimizer trains, so DP-SGD would update nothing (or leak unclipped gradients)")
-            grads.append(sample.float().view(n, k, *p.shape).sum(dim=1))
+            sample = sample.float().view(n, k, *p.shape)
+            grads.append(sample[:, 0] if k == 1 else sample.sum(dim=1))
             p.grad_sample = None
             p.grad = None
         return grads
 
+    def clip_factors(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example scale min(1, C / norm) and the norms before clipping."""
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
+        return (float(self.cfg.dp.max_grad_norm) / (norms + 1e-6)).clamp(max=1.0), norms
+
     def clip(self, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Each example's gradient scaled to norm <= C; returns the scaled gradients and the norms before."""
-        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
-        factor = (float(self.cfg.dp.max_grad_norm) / (norms + 1e-6)).clamp(max=1.0)
+        factor, norms = self.clip_factors(grads)
         return [g * factor.view(-1, *([1] * (g.ndim - 1))) for g in grads], norms
+
+    def add_clipped_sum(self, total: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+        """total += sum_i min(1, C/|g_i|) g_i, as one contraction per parameter (no clipped copies); returns the norms."""
+        factor, norms = self.clip_factors(grads)
+        for t, g in zip(total, grads):
+            t.add_(torch.tensordot(factor, g, dims=1))
+        return norms
 
     def noise(self, like: torch.Tensor) -> torch.Tensor:
         if self.budget.noise_multiplier == 0:
@@ -241,9 +256,7 @@ class DPSGDTrainer(Trainer):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
-            clipped, norms = self.clip(self.per_example_grads(len(batch.rows)))
-            for t, g in zip(total, clipped):
-                t += g.sum(dim=0)
+            norms = self.add_clipped_sum(total, self.per_example_grads(len(batch.rows)))
             stats += torch.tensor([len(batch.rows), logs["loss"] * len(batch.rows), float(norms.sum()),
                                    float((norms > float(self.cfg.dp.max_grad_norm)).sum())], dtype=torch.float64)
         total, stats = self.sum_over_processes(total, stats)
