@@ -265,3 +265,14 @@ def test_two_processes_equal_one(tmp_path, base_model):
     n = len(json.loads((two / "split.json").read_text())["members"])
     assert pb["sample_rate"] == pytest.approx(4 / n)
     assert pb["epsilon"] == pytest.approx(opacus_epsilon("rdp", 0.8, 4 / n, 3, pb["delta"]), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_bf16_autocast_runs(tmp_path, base_model):
+    """bf16 autocast (CPU bf16 is slow, hence slow-marked): clipping in fp32, finite LoRA weights, epsilon accounted."""
+    run = tmp_path / "bf16"
+    assert main(dp_args(run, f"model.base={base_model}", "train.mixed_precision=bf16", "dp.target_epsilon=null",
+                        "dp.noise_multiplier=1", steps=2)) == 0
+    weights = lora_weights(run)
+    assert weights and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    assert json.loads((run / "privacy.json").read_text())["steps"] == 2
