@@ -199,18 +199,29 @@ class MPLoRATrainer(Trainer):
         accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
         return {"attacker_accuracy": accuracy.item(), "attacker_gain": mi_gain(logits.detach(), labels).item()}
 
-    def optimizer_step(self, micro_step: int) -> dict:
-        """`mp.lora_steps` LoRA updates (attacker frozen), then `mp.attacker_steps` attacker updates (UNet frozen)."""
-        mp = self.cfg.mp
-        step, accum = self.state.step, self.cfg.train.gradient_accumulation_steps
-        lora_steps, attacker_steps = int(mp.lora_steps), int(mp.attacker_steps)
+    def lora_phase(self, step: int) -> dict:
+        """`mp.lora_steps` LoRA updates on the defended loss; the attacker takes no gradient and no step."""
+        lora_steps, accum = int(self.cfg.mp.lora_steps), self.cfg.train.gradient_accumulation_steps
         self.attacker.requires_grad_(False)
-        for j in range(lora_steps):
-            logs = super().optimizer_step((step * lora_steps + j) * accum)
-        self.attacker.requires_grad_(True)
+        try:
+            for j in range(lora_steps):
+                logs = super().optimizer_step((step * lora_steps + j) * accum)
+        finally:
+            self.attacker.requires_grad_(True)
+        return logs
+
+    def attacker_phase(self, step: int) -> dict:
+        """`mp.attacker_steps` attacker updates; the UNet runs under no_grad and its optimizer does not step."""
+        attacker_steps = int(self.cfg.mp.attacker_steps)
         for j in range(attacker_steps):
-            attacker_logs = self.attacker_update(step * attacker_steps + j)
-        logs.update(attacker_logs)
+            logs = self.attacker_update(step * attacker_steps + j)
+        return logs
+
+    def optimizer_step(self, micro_step: int) -> dict:
+        """One min-max step: the LoRA phase (attacker frozen), then the attacker phase (UNet frozen)."""
+        step = self.state.step
+        logs = self.lora_phase(step)
+        logs.update(self.attacker_phase(step))
         names = ("attacker_accuracy", "attacker_gain", "member_ce", "l_ada", "loss")
         values = torch.tensor([logs[k] for k in names], device=self.device)
         if self.accelerator.num_processes > 1:
