@@ -278,7 +278,9 @@ def test_report_and_card_name_the_defense(tmp_path, base_model):
     assert report["defense"]["name"] == "smp_lora"
     assert report["defense"]["settings"]["mp"]["lambda"] == 0.5
     privacy = report["privacy"]
-    assert privacy["defense"].startswith("SMP-LoRA") and privacy["lambda"] == 0.5 and privacy["beta"] == 1.0
+    assert privacy["defense"].startswith("SMP-LoRA") and privacy["lambda"] == 0.5
+    assert privacy["smp_beta"] == 1.0 and privacy["smp_delta"] == 1e-5
+    assert "smp_delta: 1e-05" in (run / "report.md").read_text()
     assert 0 <= privacy["proxy_attacker_final_accuracy"] <= 1
     assert report["split_sizes"] == {"members": 8, "nonmembers": 8}
     md = (run / "report.md").read_text()

@@ -293,7 +293,7 @@ class MPLoRATrainer(Trainer):
             "lambda": self.lam,
         }
         if self.form == "smp":
-            out.update({"beta": float(mp.beta), "delta": float(mp.delta)})
+            out.update({"smp_beta": float(mp.beta), "smp_delta": float(mp.delta)})  # "delta" alone reads as DP delta
         out["attacker_split"] = (f"{len(self.attacker_split.members)} members (also trained on) / "
                                  f"{len(self.attacker_split.nonmembers)} non-members, disjoint from the evaluation split")
         out.update({f"proxy_attacker_{k}": v for k, v in self.history_summary().items()})
