@@ -299,11 +299,15 @@ def test_smp_lora_two_processes(tmp_path, base_model):
     from .conftest import REPO
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    import os
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "privtune.train",
            *mp_args("smp_lora", run, f"model.base={base_model}", "train.batch_size=2", steps=3)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900,
+                         env={**os.environ, "ACCELERATE_USE_CPU": "true"})  # two gloo processes on a CPU machine
     assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("privtune: run folder") == 2
     weights = load_file(str(run / "lora" / LORA_FILE))
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
     rows = (run / "proxy_attacker.csv").read_text().splitlines()[1:]
