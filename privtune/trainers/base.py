@@ -211,6 +211,11 @@ class Trainer:
         comps.unet.train()
         self.setup_inputs()
 
+    def input_records(self):
+        """Rows whose inputs are prepared (cached): the training rows, then any rows a defense only scores
+        (e.g. a proxy attacker's non-members), addressed by `batch_for` with indices past the training rows."""
+        return self.train_records
+
     @property
     def caches(self) -> bool:
         cfg = self.cfg
@@ -219,7 +224,7 @@ class Trainer:
     def setup_inputs(self) -> None:
         """Cache VAE posteriors (both orientations when flipping) and text embeddings, or prepare to encode per step."""
         cfg = self.cfg
-        records = self.train_records
+        records = self.encoded_records = self.input_records()
         comps = self.components
         self.input_ids = self.tokenize([r.caption for r in records])
         self.cache = None
@@ -265,10 +270,14 @@ class Trainer:
             self.lr_scheduler = get_scheduler(
                 cfg.optim.scheduler, optimizer=self.optimizer,
                 num_warmup_steps=cfg.optim.warmup_steps * self.accelerator.num_processes,
-                num_training_steps=cfg.train.max_steps * self.accelerator.num_processes,
+                num_training_steps=self.lr_schedule_steps() * self.accelerator.num_processes,
             )
         except ValueError as exc:
             raise ConfigError(f"optim.scheduler: {exc}") from exc
+
+    def lr_schedule_steps(self) -> int:
+        """Optimizer updates the LR schedule spans; a defense making several updates per step overrides this."""
+        return self.cfg.train.max_steps
 
     def prepare(self) -> None:
         acc = self.accelerator
@@ -363,6 +372,10 @@ class Trainer:
     # ------------------------------------------------------------------ batches and loss
     def micro_batch(self, micro_step: int) -> Batch:
         rows, flips = self.schedule.rows(micro_step)
+        return self.batch_for(rows, flips, micro_step)
+
+    def batch_for(self, rows, flips, key: int) -> Batch:
+        """The batch of `input_records()` rows `rows` (flipped where `flips`); `key` seeds random crops."""
         gen = self.state.generator
         if self.cache is not None:
             index = torch.as_tensor(rows)
@@ -378,8 +391,8 @@ class Trainer:
         else:
             cfg = self.cfg
             pixels = torch.stack([
-                preprocess(self.train_records[r].image, cfg.data.resolution, cfg.data.center_crop, bool(f),
-                           np.random.default_rng([cfg.seed, micro_step, int(r)]))
+                preprocess(self.encoded_records[r].image, cfg.data.resolution, cfg.data.center_crop, bool(f),
+                           np.random.default_rng([cfg.seed, key, int(r)]))
                 for r, f in zip(rows, flips)
             ])
             with torch.no_grad():

@@ -1,0 +1,58 @@
+"""Mean ± std over seeds of finished runs' report.json: best-attack AUC (with each seed's CI), per-attack AUC, utility.
+
+    python benchmarks/defense_table.py LoRA=/work/main/runs/evidence/lora-s{0,1,2} SMP-LoRA=/work/evidence/smp_lora-s{0,1,2}
+
+Arguments are NAME=RUN_DIR (repeat a name once per seed); missing or unfinished runs are listed, not guessed.
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+UTILITY = (("heldout_denoising_loss", "held-out loss", 4), ("member_denoising_loss", "member loss", 4),
+           ("generalization_gap", "gap (held-out − member)", 4), ("prompt_fidelity_top10", "fidelity top-10", 3),
+           ("frechet_distance", "Fréchet", 1))
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def main(argv: list[str]) -> int:
+    runs: dict[str, list[dict]] = {}
+    missing = []
+    for arg in argv:
+        name, _, path = arg.partition("=")
+        report = Path(path) / "report.json"
+        if not report.is_file():
+            missing.append(path)
+            continue
+        runs.setdefault(name, []).append(json.loads(report.read_text()) | {"_path": path})
+    attacks = sorted({a for reports in runs.values() for r in reports for a in r["attacks"]})
+    cols = ["method", "seeds", "best-attack AUC (mean ± std)", "per seed: best attack, AUC [95% CI]",
+            *[f"{a} AUC" for a in attacks], *[label for _, label, _ in UTILITY]]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for name, reports in runs.items():
+        best = [r["summary"]["best_attack"] for r in reports]
+        per_seed = "; ".join(f"s{r['config']['seed']}: {b['name']} {b['auc']['value']:.3f} "
+                             f"[{b['auc']['ci'][0]:.3f}, {b['auc']['ci'][1]:.3f}]" for r, b in zip(reports, best))
+        row = [name, str(len(reports)), mean_std([b["auc"]["value"] for b in best], 3), per_seed]
+        row += [mean_std([r["attacks"][a]["metrics"]["auc"]["value"] for r in reports if a in r["attacks"]], 3) for a in attacks]
+        row += [mean_std([r["utility"][k] for r in reports if (r.get("utility") or {}).get(k) is not None], d) for k, _, d in UTILITY]
+        print("| " + " | ".join(row) + " |")
+    if missing:
+        print(f"\nnot finished (no report.json): {', '.join(missing)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Building blocks that defenses share (e.g. the proxy membership attacker of MP-LoRA / SMP-LoRA)."""
