@@ -25,6 +25,19 @@ DUP_MARK = "~dup"
 CANARIES_JSON = "canaries.json"
 
 
+def check_settings(cfg) -> None:
+    """Validate the dedup, canaries and eval.extraction sections before anything is trained."""
+    node = cfg.get("dedup")
+    if node is not None and node.enabled:
+        dedup.DedupSettings.from_config(node)
+    make_canaries(cfg.get("canaries"), int(cfg.seed), 8)
+    extraction = cfg.eval.get("extraction")
+    if cfg.eval.enabled and extraction is not None and extraction.enabled:
+        from ..eval.extraction import check_settings as check_extraction
+
+        check_extraction(extraction, int(cfg.data.resolution))
+
+
 class DataStage:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -86,6 +99,11 @@ class DataStage:
             split.training_rows = info
         self.rows_info = info
         return rows
+
+    def rebuild(self, split) -> None:
+        """The duplicated members and the canaries of a finished run (for evaluation), from its config and split."""
+        self.duplicate([], split.members)
+        self.canaries = make_canaries(self.cfg.get("canaries"), int(self.cfg.seed), int(self.cfg.data.resolution))
 
     def write(self, run_dir: Path) -> None:
         """dedup.json + its contact sheet, and canaries.json, in the run folder."""

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..config import flat, to_yaml
 from ..data.sources import load_source
 from ..data.split import Split, load_manifest, make_split, save_manifest, split_from_manifest
-from ..data.stage import DataStage
+from ..data.stage import DataStage, check_settings as check_data_settings
 from ..data.transforms import preprocess
 from ..errors import ConfigError
 from ..io import atomic_write_text
@@ -92,6 +92,7 @@ class Trainer:
     def validate_config(self) -> None:
         """Checks that need no model or data; subclasses add theirs (before anything is written)."""
         cfg = self.cfg
+        check_data_settings(cfg)
         if cfg.eval.enabled:
             from ..eval.stage import check_attacks, load_baseline
 
