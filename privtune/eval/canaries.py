@@ -72,7 +72,7 @@ def epsilon_from_rates(scores: np.ndarray, inserted: np.ndarray, delta: float = 
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     best = {"epsilon_lb": 0.0, "threshold": None, "tpr": None, "fpr": None}
     if n_pos == 0 or n_neg == 0:
-        return {**best, "note": "needs inserted and never-inserted candidates"}
+        return {**best, "delta": delta, "note": "needs inserted and never-inserted candidates"}
     for tau in np.unique(s):
         tp, fp = int((s[y] >= tau).sum()), int((s[~y] >= tau).sum())
         tpr_lo, _ = _cp(tp, n_pos, alpha)
