@@ -97,10 +97,11 @@ def test_never_inserted_canaries_score_near_log2e_on_a_real_model(tmp_path, base
 def test_exposure_rises_with_repetitions_on_overfit_model(tmp_path, base_model):
     t = _trainer(tmp_path / "run", f"model.base={base_model}", "canaries.enabled=true", "canaries.count=12",
                  "canaries.references=48", "canaries.repetitions=[0,2,12]", "canaries.draws=4",
-                 "data.members=4", "train.batch_size=8", "lora.rank=8", "lora.alpha=8", "optim.lr=3e-3", steps=120)
+                 "data.members=4", "train.batch_size=8", "lora.rank=8", "lora.alpha=8", "optim.lr=3e-3", steps=80)
     assert len(t.train_records) == 4 + 4 * (2 + 12)
     t.train()
     section = _audit(t)
     means = {lv["repeats"]: lv["mean_exposure"] for lv in section["by_repetitions"]}
+    print("mean exposure by repetitions", means)
     assert means[0] < means[2] < means[12]
     assert means[12] > 3.0
