@@ -28,6 +28,7 @@ class Record:
     image: Image.Image
     group: str
     sha256: str
+    captions: list[str] = field(default_factory=list)  # every caption of this image (dedup merges a group's here); empty = [caption]
 
 
 @dataclass

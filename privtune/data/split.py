@@ -24,6 +24,7 @@ class Split:
     nonmembers: list[Record]
     seed: int
     source: str
+    training_rows: dict | None = None  # extra training rows beyond one per member (data.duplicate, canaries), for the manifest
 
     def manifest(self) -> dict:
         def rows(records):
@@ -35,6 +36,7 @@ class Split:
             "source": self.source,
             "members": rows(self.members),
             "nonmembers": rows(self.nonmembers),
+            **({"training_rows": self.training_rows} if self.training_rows else {}),
         }
 
 

@@ -296,6 +296,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     util = utility_section(report)
     out += ["## Utility", "", util or "No utility numbers were computed.", ""]
     out += ["## Privacy", "", *[f"- {line}" for line in privacy_lines(report.get("privacy"))], ""]
+    out += memorization_lines(report)
     comp = report.get("comparison")
     if comp:
         b, base = comp.get("best_auc") or {}, comp.get("baseline") or {}
@@ -310,6 +311,33 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     out += ["## Plots", "", *plots, ""]
     out += ["## Reproduce", "", "```bash", str(report.get("command", "")), "```", ""]
     return "\n".join(out)
+
+
+def memorization_lines(report: Mapping[str, Any]) -> list[str]:
+    """The extraction and canary-audit sections of report.md, when those evaluations ran."""
+    out: list[str] = []
+    ex = report.get("extraction")
+    if ex:
+        out += ["## Extraction (Carlini et al. generate-and-filter)", "",
+                f"{ex['n_extracted']} members extracted ({', '.join(ex['extracted_members']) or 'none'}) from {ex['n_captions']} "
+                f"member captions; {ex['n_flagged']} flagged by a clique of >= {ex['settings'].get('clique')} generations; "
+                f"duplicated members: {', '.join(ex['duplicated_members']) or 'none'}.", ""]
+        rows = [[r["id"], r["repeats"], r["clique_size"], fmt(r["nearest_distance"]), r["nearest_member"], r["extracted"]]
+                for r in ex["per_caption"]]
+        out += [md_table(["Member", "Repeats", "Largest clique", "Nearest tiled l2", "Nearest member", "Extracted"], rows), ""]
+    ca = report.get("canaries")
+    if ca:
+        eps = ca["empirical_epsilon"]
+        out += ["## Canary audit", "", f"Exposure in bits (max {ca['max_exposure_bits']:.2f}, never-inserted expectation 1.44); "
+                f"empirical epsilon lower bound {eps['epsilon_lb']:.3f} ({eps.get('method', '')}).", ""]
+        out += [md_table(["Repetitions", "Canaries", "Mean exposure [95% CI]"],
+                         [[lv["repeats"], lv["n"], f"{lv['mean_exposure']:.2f}" + (f" [{lv['ci95'][0]:.2f}, {lv['ci95'][1]:.2f}]" if lv["ci95"] else "")]
+                          for lv in ca["by_repetitions"]]), ""]
+        if ca.get("one_run_audit"):
+            out += [f"One-run audit (Steinke et al. 2023): epsilon >= {ca['one_run_audit']['epsilon_lb']:.3f}", ""]
+        if ca.get("plot"):
+            out += [f"![canary exposure]({ca['plot']})", ""]
+    return out
 
 
 def score_plot_name(attack: str) -> str:

@@ -102,6 +102,8 @@ def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=N
         report = build_report(config=to_container(cfg), attacks_result=result, utility=utility, privacy=privacy,
                               split_sizes={"members": len(split.members), "nonmembers": len(split.nonmembers)},
                               command=command, defense=defense_summary(cfg), baseline=load_baseline(ev.baseline))
+        report.update(memorization_sections(cfg, components, unet, predictor, alphas, split, run_dir if write else None,
+                                            privacy, device, progress=is_main))
         if write:
             paths = write_report(run_dir, report)
             if accelerator is not None:
@@ -116,6 +118,31 @@ def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=N
     if was_training:
         unet.train()
     return report
+
+
+def memorization_sections(cfg, components, unet, predictor, alphas, split, run_dir, privacy, device, progress=True) -> dict:
+    """`extraction` (eval.extraction.enabled) and `canaries` (canaries.enabled) report sections, with their plots."""
+    from ..data.stage import DataStage
+
+    out: dict = {}
+    extraction = cfg.eval.get("extraction")
+    stage = DataStage(cfg)
+    stage.rebuild(split)
+    if extraction is not None and extraction.enabled:
+        from .extraction import run_extraction
+
+        out["extraction"] = run_extraction(pipeline_for(components, unet), split.members, extraction,
+                                           resolution=int(cfg.data.resolution), seed=int(cfg.seed),
+                                           duplicated=stage.duplicated, out_dir=run_dir, progress=progress)
+    if stage.canaries is not None:
+        from .canaries import PLOT, audit, plot_exposure
+
+        out["canaries"] = audit(predictor, alphas, components, stage.canaries, cfg.canaries, resolution=int(cfg.data.resolution),
+                                seed=int(cfg.seed), device=device, privacy=privacy, batch_size=int(cfg.eval.batch_size))
+        if run_dir is not None:
+            plot_exposure(out["canaries"], Path(run_dir) / "plots" / PLOT)
+            out["canaries"]["plot"] = f"plots/{PLOT}"
+    return out
 
 
 def base_model_name(cfg) -> str:

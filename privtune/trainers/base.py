@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..config import flat, to_yaml
 from ..data.sources import load_source
 from ..data.split import Split, load_manifest, make_split, save_manifest, split_from_manifest
+from ..data.stage import DataStage, check_settings as check_data_settings
 from ..data.transforms import preprocess
 from ..errors import ConfigError
 from ..io import atomic_write_text
@@ -108,6 +109,7 @@ class Trainer:
     def validate_config(self) -> None:
         """Checks that need no model or data; subclasses add theirs (before anything is written)."""
         cfg = self.cfg
+        check_data_settings(cfg)
         if cfg.eval.enabled:
             from ..eval.stage import check_attacks, load_baseline
 
@@ -165,12 +167,14 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
             if not self.resumed_split:
                 save_manifest(self.split, self.run_dir)
+            self.data_stage.write(self.run_dir)
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ data
     def setup_data(self) -> None:
         cfg = self.cfg
-        source = load_source(cfg.data)
+        self.data_stage = DataStage(cfg)
+        source = self.data_stage.before_split(load_source(cfg.data))  # dedup before any split
         self.source = source
         manifest_path = self.run_dir / "split.json"
         self.resumed_split = cfg.resume is not None and manifest_path.exists()
@@ -180,7 +184,7 @@ class Trainer:
             self.split = make_split(source.records, cfg.data.members, cfg.data.nonmembers, cfg.seed, source.description)
         if source.skipped and self.is_main:
             print(f"privtune: skipped {len(source.skipped)} bad samples (data.on_bad_sample=skip)")
-        self.train_records = self.training_records()
+        self.train_records = self.data_stage.after_split(self.training_records(), self.split)  # + duplicates, canaries
 
     def training_records(self):
         """The rows the model trains on; defenses that reshape the training set override this."""
