@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -465,9 +466,13 @@ class Trainer:
                 acc.backward(loss)
                 if acc.sync_gradients and self.cfg.train.max_grad_norm:
                     acc.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)
-                if not (acc.sync_gradients and self.skip_optimizer_step()):
+                skipped = acc.sync_gradients and self.skip_optimizer_step()
+                if not skipped:
                     self.optimizer.step()
-                self.lr_scheduler.step()
+                with warnings.catch_warnings():
+                    if skipped:  # the schedule still follows the step count; torch warns when no step came first
+                        warnings.filterwarnings("ignore", message="Detected call of")
+                    self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         return logs
 
