@@ -78,6 +78,13 @@ def test_multiple_captions_draw_every_variant(tokenizer):
     seen = {rz.draw(caption, s, 0).caption for s in range(200)}
     assert seen == {"a red apple", "an apple, red", "fruit"}
 
+    class Rec:  # a record carrying its captions as a list (deduplication merges them so)
+        caption = "first"
+        captions = ["first", "second"]
+
+    assert rz.base(Rec()) == "first" and {rz.draw(Rec(), s, 0).caption for s in range(50)} == {"first", "second"}
+    assert CaptionRandomizer(section(), seed=0).variants(Rec()) == ["first"]  # multiple off: the caption only
+
 
 @pytest.mark.parametrize("bad", [dict(p=1.5), dict(p=-0.1), dict(insert_tokens=-1), dict(embedding_noise=-0.1),
                                  dict(multiple=True, separator="")])
@@ -107,7 +114,7 @@ def test_trainer_reencodes_randomized_rows_and_adds_noise_only_in_training(tmp_p
     noise = rz.embedding_noise(batch.encoder_hidden_states.shape, 0, rows)
     with torch.no_grad():
         for i, r in enumerate(rows):
-            draw = rz.draw(trainer.train_records[r].caption, 0, r)
+            draw = rz.draw(trainer.train_records[r], 0, r)
             clean = trainer.encode_text(trainer.tokenize([draw.caption]))[0]
             torch.testing.assert_close(batch.encoder_hidden_states[i], clean + noise[i], rtol=1e-5, atol=1e-5)
     assert 0.05 < float((batch.encoder_hidden_states - trainer.cache["text"][torch.as_tensor(rows)]).std()) < 0.5

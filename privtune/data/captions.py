@@ -5,8 +5,9 @@ Text conditioning on a fixed caption drives copying; randomizing the caption a t
 with weakens that link. Transforms, each applied to a training row independently with probability `p`
 (DCR's `trainspecial_prob`, default 0.1):
 
-* multiple captions (MC): a caption that holds several captions joined by `separator` (e.g. the merged
-  captions of a deduplicated group) is reduced to one of them, drawn uniformly, at every step. With
+* multiple captions (MC): a record with several captions (its `captions` list, e.g. the merged captions
+  of a deduplicated group, or a caption holding several joined by `separator`) trains with one of them,
+  drawn uniformly, at every step. With
   `multiple: true` this draw happens for every row (it is not a randomization with probability p:
   there is no "original" caption to keep); the first caption is the one cached and shown elsewhere;
 * random-token insertion (RT, `randwordadd`): `insert_tokens` random vocabulary words inserted at
@@ -83,20 +84,24 @@ class CaptionRandomizer:
     def active(self) -> bool:
         return self.text_active or self.noise > 0
 
-    def variants(self, caption: str) -> list[str]:
+    def variants(self, record) -> list[str]:
+        """The captions a record may train with: its `captions` list when it has one (e.g. merged by
+        deduplication), else its caption split on `separator`; just its caption when `multiple` is off."""
+        caption = record if isinstance(record, str) else record.caption
         if not self.multiple:
             return [caption]
-        parts = [c.strip() for c in caption.split(self.separator) if c.strip()]
+        listed = None if isinstance(record, str) else getattr(record, "captions", None)
+        parts = [c.strip() for c in (listed or caption.split(self.separator)) if c and c.strip()]
         return parts or [caption]
 
-    def base(self, caption: str) -> str:
+    def base(self, record) -> str:
         """The caption a row is cached / shown with (the first of several)."""
-        return self.variants(caption)[0]
+        return self.variants(record)[0]
 
-    def draw(self, caption: str, micro_step: int, row: int) -> CaptionDraw:
-        """The caption row `row` trains with at `micro_step`."""
+    def draw(self, record, micro_step: int, row: int) -> CaptionDraw:
+        """The caption training row `row` (a Record or a caption string) trains with at `micro_step`."""
         rng = np.random.default_rng([self.seed, int(micro_step), int(row), 0x5CA])
-        options = self.variants(caption)
+        options = self.variants(record)
         text = options[int(rng.integers(len(options)))] if len(options) > 1 else options[0]
         randomized = False
         if self.insert_tokens and rng.random() < self.p:

@@ -240,7 +240,7 @@ class Trainer:
         cfg = self.cfg
         records = self.train_records
         comps = self.components
-        self.base_captions = [self.captions.base(r.caption) for r in records]
+        self.base_captions = [self.captions.base(r) for r in records]
         self.input_ids = self.tokenize(self.base_captions)
         self.cache = None
         if not self.caches:
@@ -423,7 +423,7 @@ class Trainer:
         if not rz.active:
             return states
         if rz.text_active:
-            draws = [rz.draw(self.train_records[int(r)].caption, micro_step, int(r)) for r in rows]
+            draws = [rz.draw(self.train_records[int(r)], micro_step, int(r)) for r in rows]
             changed = [i for i, (d, r) in enumerate(zip(draws, rows)) if d.caption != self.base_captions[int(r)]]
             if changed:
                 ids = self.tokenize([draws[i].caption for i in changed])
