@@ -140,7 +140,7 @@ def test_attacks_and_sampling_options_through_the_evaluation_stage(tmp_path, bas
     attack_params = ("eval.attack_params={wen: {generations: 1}, wen_trajectory: {steps: 4, generations: 1}, "
                      "ren_trajectory: {steps: 4, last: 2}}")
     assert main(train_args(run, f"model.base={base_model}", "eval.enabled=true", "eval.attacks=[wen,wen_trajectory,ren,ren_trajectory]",
-                           attack_params, "eval.utility_generations=4", "eval.utility_inference_steps=3", "eval.bootstrap=20",
+                           attack_params, "eval.utility=false", "eval.bootstrap=20",
                            "sampling.ren_mitigation=true", "sampling.wen_prompt_optimization=true", "sampling.wen_iters=2",
                            "captions.p=0.5", "captions.insert_tokens=1", steps=2)) == 0
     report = json.loads((run / "report.json").read_text())
