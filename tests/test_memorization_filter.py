@@ -67,6 +67,8 @@ def test_flagged_rows_leave_the_loss(tmp_path, base_model, recipe):
     loss, logs = trainer.compute_loss(batch)
     keep = values < flt.tau
     assert keep.sum() == 2 and logs["filter/kept"] == 0.5
+    flagged = {trainer.train_records[int(r)].id for r, k in zip(batch.rows, keep) if not k}
+    assert set(flt.stats()["most_flagged"]) == flagged
     torch.testing.assert_close(loss.detach(), per_sample[keep].mean(), rtol=1e-5, atol=1e-7)
     loss.backward()  # the gradient is that of the kept rows only
     got = [p.grad.clone() for p in trainer.trainable if p.grad is not None]

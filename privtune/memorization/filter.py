@@ -26,6 +26,7 @@ momentum would otherwise still move the weights on a zero gradient).
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import torch
@@ -93,6 +94,7 @@ class SampleFilter:
         self.kept = 0
         self.total = 0
         self.kept_in_step = 0
+        self.flagged: Counter = Counter()
         self.probe = None
         self.layers: list[int] = []
         self.calibration = None
@@ -183,6 +185,9 @@ class SampleFilter:
         self.kept += n_kept
         self.total += len(keep)
         self.kept_in_step += n_kept
+        for row, k in zip(batch.rows.tolist(), keep.tolist()):
+            if not k:
+                self.flagged[trainer.train_records[int(row)].id] += 1
         loss = (per_sample * keep).sum() / keep.sum().clamp_min(1.0)
         return loss, {"loss": loss.detach().item(), "filter/kept": n_kept / len(keep), "filter/tau": self.tau,
                       "filter/metric": values.float().mean().item()}
@@ -199,4 +204,5 @@ class SampleFilter:
                 "calibration_rows": [r.id for r in self.calibration] if self.calibration else [],
                 "tau_history": self.history, "rows_seen": self.total, "rows_kept": self.kept,
                 "kept_fraction": self.kept / self.total if self.total else None,
+                "most_flagged": dict(self.flagged.most_common(20)),
                 "layers": [self.probe.layers[i] for i in self.layers] if self.probe else None}
