@@ -114,6 +114,22 @@ def test_all_filtered_run_exports_the_initial_lora(tmp_path, base_model):
         assert torch.equal(got[match[0]], value.to(got[match[0]].dtype))
 
 
+def test_resume_equals_uninterrupted(tmp_path, base_model):
+    """tau and its calibration step are checkpointed: a resumed run filters exactly like an uninterrupted one."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ("memorization_filter.recalibrate_every=2", "train.checkpoint_every=3")
+    assert main(args(full, base_model, "wen_mitigation", *common, steps=5)) == 0
+    assert main(args(part, base_model, "wen_mitigation", *common, steps=3)) == 0
+    assert main(args(part, base_model, "wen_mitigation", *common, "resume=latest", steps=5)) == 0
+    a, b = load_file(str(full / "lora" / LORA_FILE)), load_file(str(part / "lora" / LORA_FILE))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    import json
+
+    sa, sb = (json.loads((d / "memorization.json").read_text())["memorization_filter"] for d in (full, part))
+    assert sa["tau"] == pytest.approx(sb["tau"], rel=1e-6) and sa["rows_seen"] == sb["rows_seen"]
+
+
 @pytest.mark.slow
 def test_all_filtered_batch_two_processes_no_hang(tmp_path, base_model):
     """Under `accelerate launch --cpu --num_processes 2`: no deadlock, and the LoRA equals the one-process export."""

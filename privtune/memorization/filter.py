@@ -192,6 +192,19 @@ class SampleFilter:
         return loss, {"loss": loss.detach().item(), "filter/kept": n_kept / len(keep), "filter/tau": self.tau,
                       "filter/metric": values.float().mean().item()}
 
+    def state_dict(self) -> dict:
+        """Checkpointed with the run, so a resumed run filters with the tau an uninterrupted one would."""
+        return {"tau": torch.tensor(float("nan") if self.tau is None else self.tau, dtype=torch.float64),
+                "calibrated_at": torch.tensor(-1 if self.calibrated_at is None else self.calibrated_at),
+                "kept": torch.tensor(self.kept), "total": torch.tensor(self.total)}
+
+    def load_state_dict(self, state: dict) -> None:
+        tau = float(state["tau"])
+        self.tau = None if math.isnan(tau) else tau
+        at = int(state["calibrated_at"])
+        self.calibrated_at = None if at < 0 else at
+        self.kept, self.total = int(state["kept"]), int(state["total"])
+
     def skip_step(self, accelerator) -> bool:
         """True when no process kept a row since the last optimizer step (a collective on every process)."""
         kept = torch.tensor([float(self.kept_in_step)], device=accelerator.device)

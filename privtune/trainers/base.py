@@ -484,6 +484,7 @@ class Trainer:
             from ..memorization.filter import SampleFilter
 
             self.sample_filter = SampleFilter(self.cfg.memorization_filter, self)
+            self.accelerator.register_for_checkpointing(self.sample_filter)
 
     def skip_optimizer_step(self) -> bool:
         """True when the memorization filter kept no row of the global batch: the update must not move any weight."""
