@@ -3,9 +3,6 @@ processes), calibration uses only known non-members, thresholds outside their ra
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +13,7 @@ from privtune.export import LORA_FILE
 from privtune.losses import denoising_loss
 from privtune.train import main
 
-from .conftest import REPO, prepare_trainer, train_args
+from .conftest import launch_two_processes, prepare_trainer, train_args
 
 torch.set_num_threads(1)
 
@@ -132,23 +129,18 @@ def test_resume_equals_uninterrupted(tmp_path, base_model):
 
 @pytest.mark.slow
 def test_all_filtered_batch_two_processes_no_hang(tmp_path, base_model):
-    """Under `accelerate launch --cpu --num_processes 2`: no deadlock, and the LoRA equals the one-process export."""
+    """Two real CPU processes (gloo): no deadlock, and the all-filtered LoRA equals the one-process export."""
     extra = ("memorization_filter.threshold=1e-6", "optim.weight_decay=0.1")
     one = tmp_path / "one"
     assert main(args(one, base_model, "wen_mitigation", *extra, steps=3)) == 0
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "privtune.train",
-           *args(two, base_model, "wen_mitigation", *extra, steps=3)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = launch_two_processes("privtune.train", args(two, base_model, "wen_mitigation", *extra, steps=3), timeout=600)
+    assert "on 2 processes" in out.stdout + out.stderr
     a, b = load_file(str(one / "lora" / LORA_FILE)), load_file(str(two / "lora" / LORA_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # partly filtered under two processes also finishes (processes disagree on which rows are kept)
-    part = tmp_path / "part"
-    cmd[-len(args(two, base_model, "ren_mitigation", steps=3)):] = args(part, base_model, "ren_mitigation", steps=3)
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    # partly filtered (processes disagree on which rows are kept) also finishes
+    out = launch_two_processes("privtune.train", args(tmp_path / "part", base_model, "ren_mitigation", steps=3), timeout=600)
+    assert "on 2 processes" in out.stdout + out.stderr
 
 
 def test_calibration_uses_only_known_nonmembers(tmp_path, base_model):
