@@ -81,7 +81,8 @@ def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=N
     uncond = empty_prompt_state(components, device) if float(ev.guidance_scale) != 1.0 else None
     predictor = UNetPredictor(unet, guidance_scale=float(ev.guidance_scale), uncond=uncond)
     alphas = components.noise_scheduler.alphas_cumprod.to(torch.float64)
-    target = AttackTarget(predictor, alphas)
+    target = AttackTarget(predictor, alphas, uncond=empty_prompt_state(components, device), token_lengths=token_lengths(
+        components.tokenizer, split.members + split.nonmembers))
     members = encode_records(components, split.members, cfg.data.resolution, device)
     nonmembers = encode_records(components, split.nonmembers, cfg.data.resolution, device)
     with sharded(accelerator):
@@ -95,6 +96,10 @@ def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=N
         utility = None
         if ev.utility:
             pipe = pipeline_for(components, unet)
+            if cfg.get("sampling") is not None:
+                from ..memorization.sampling import apply_sampling_options
+
+                pipe = apply_sampling_options(pipe, cfg.sampling)
             utility = compute_utility(predictor=predictor, members=members, nonmembers=nonmembers, alphas_cumprod=alphas,
                                       pipe=pipe, nonmember_records=split.nonmembers, eval_cfg=ev,
                                       embedded=str(cfg.model.base) == "embedded", seed=int(cfg.seed))
@@ -143,6 +148,12 @@ def memorization_sections(cfg, components, unet, predictor, alphas, split, run_d
             plot_exposure(out["canaries"], Path(run_dir) / "plots" / PLOT)
             out["canaries"]["plot"] = f"plots/{PLOT}"
     return out
+
+
+def token_lengths(tokenizer, records) -> dict[str, int]:
+    """Tokenised caption length (BOS + tokens + first EOS) per record id, for Ren et al.'s mode D."""
+    ids = tokenizer([r.caption for r in records], truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return {r.id: len(x) for r, x in zip(records, ids)}
 
 
 def base_model_name(cfg) -> str:

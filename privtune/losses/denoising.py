@@ -24,8 +24,10 @@ def add_noise_and_target(noise_scheduler, latents: torch.Tensor, noise: torch.Te
 
 
 def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                   noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Per-sample MSE between the UNet's prediction and its target, shape [B]."""
+                   noise: torch.Tensor, timesteps: torch.Tensor, return_pred: bool = False):
+    """Per-sample MSE between the UNet's prediction and its target, shape [B]; with `return_pred`, also
+    the prediction and the noisy latents (for filters that inspect them, e.g. Wen et al.'s)."""
     noisy, target = add_noise_and_target(noise_scheduler, latents, noise, timesteps)
     pred = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    return (per_sample, pred, noisy) if return_pred else per_sample

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,21 @@ class Trainer:
             raise ConfigError(f"tracking must be none, wandb or tensorboard (got {cfg.tracking!r})")
         if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+        self.validate_hygiene()
+
+    def validate_hygiene(self) -> None:
+        """Caption randomization, the memorization filter and the sampling options (all off by default)."""
+        from ..data.captions import check_config as check_captions
+        from ..memorization.filter import check_config as check_filter
+        from ..memorization.sampling import check_config as check_sampling
+
+        cfg = self.cfg
+        check_captions(cfg.captions)
+        check_filter(cfg.memorization_filter)
+        check_sampling(cfg.sampling)
+        if cfg.memorization_filter.method != "none" and type(self).compute_loss is not Trainer.compute_loss:
+            raise ConfigError(f"memorization_filter is applied in the base loss; trainer {cfg.trainer!r} has its own loss "
+                              f"and does not support it: set memorization_filter.method=none")
 
     def setup_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -213,6 +229,9 @@ class Trainer:
             if cfg.lora.text_encoder:
                 comps.text_encoder.gradient_checkpointing_enable()
         comps.unet.train()
+        from ..data.captions import CaptionRandomizer
+
+        self.captions = CaptionRandomizer(cfg.captions, cfg.seed, comps.tokenizer)
         self.setup_inputs()
 
     def input_records(self):
@@ -230,7 +249,8 @@ class Trainer:
         cfg = self.cfg
         records = self.encoded_records = self.input_records()
         comps = self.components
-        self.input_ids = self.tokenize([r.caption for r in records])
+        self.base_captions = [self.captions.base(r) for r in records]
+        self.input_ids = self.tokenize(self.base_captions)
         self.cache = None
         if not self.caches:
             return
@@ -297,6 +317,7 @@ class Trainer:
         acc.register_load_state_pre_hook(self._load_hook)
         self.schedule = BatchSchedule(len(self.train_records), self.cfg.train.batch_size, self.cfg.seed,
                                       acc.process_index, acc.num_processes, self.cfg.data.random_flip)
+        self.setup_sample_filter()
         if self.is_main:
             tracking.start(acc, self.cfg, self.run_dir, flat(self.cfg))
 
@@ -410,7 +431,26 @@ class Trainer:
                 with torch.no_grad():
                     states = self.encode_text(ids)
         latents = (latents * self.components.scaling_factor).to(self.device)
+        states = self.randomize_captions(micro_step, rows, states)
         return Batch(latents, states.to(self.device, self.weight_dtype), torch.as_tensor(rows))
+
+    def randomize_captions(self, micro_step: int, rows, states: torch.Tensor) -> torch.Tensor:
+        """Caption randomization (privtune.data.captions): re-encode the rows whose caption changed, add embedding noise."""
+        rz = self.captions
+        if not rz.active:
+            return states
+        if rz.text_active:
+            draws = [rz.draw(self.train_records[int(r)], micro_step, int(r)) for r in rows]
+            changed = [i for i, (d, r) in enumerate(zip(draws, rows)) if d.caption != self.base_captions[int(r)]]
+            if changed:
+                ids = self.tokenize([draws[i].caption for i in changed])
+                with torch.set_grad_enabled(bool(self.cfg.lora.text_encoder)):
+                    fresh = self.encode_text(ids)
+                states = states.clone()
+                states[torch.as_tensor(changed, device=states.device)] = fresh.to(states.device, states.dtype)
+        if rz.noise:
+            states = states + rz.embedding_noise(states.shape, micro_step, rows).to(states.device, states.dtype)
+        return states
 
     def sample_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gen = self.state.generator
@@ -422,6 +462,8 @@ class Trainer:
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """The training objective for one micro-batch; defenses override this."""
         noise, timesteps = self.sample_noise(batch.latents)
+        if self.sample_filter is not None:
+            return self.sample_filter.loss(self, batch, noise, timesteps)
         per_sample = denoising_loss(self.components.unet, self.components.noise_scheduler, batch.latents,
                                     batch.encoder_hidden_states, noise, timesteps)
         loss = per_sample.mean()
@@ -441,10 +483,29 @@ class Trainer:
                 acc.backward(loss)
                 if acc.sync_gradients and self.cfg.train.max_grad_norm:
                     acc.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
+                skipped = acc.sync_gradients and self.skip_optimizer_step()
+                if not skipped:
+                    self.optimizer.step()
+                with warnings.catch_warnings():
+                    if skipped:  # the schedule still follows the step count; torch warns when no step came first
+                        warnings.filterwarnings("ignore", message="Detected call of")
+                    self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         return logs
+
+    sample_filter = None
+
+    def setup_sample_filter(self) -> None:
+        """The memorization filter (privtune.memorization.filter), when `memorization_filter.method` is set."""
+        if self.cfg.memorization_filter.method != "none":
+            from ..memorization.filter import SampleFilter
+
+            self.sample_filter = SampleFilter(self.cfg.memorization_filter, self)
+            self.accelerator.register_for_checkpointing(self.sample_filter)
+
+    def skip_optimizer_step(self) -> bool:
+        """True when the memorization filter kept no row of the global batch: the update must not move any weight."""
+        return self.sample_filter is not None and self.sample_filter.skip_step(self.accelerator)
 
     def train(self) -> None:
         cfg = self.cfg
@@ -488,9 +549,11 @@ class Trainer:
         """A StableDiffusionPipeline over the current (LoRA-adapted) components, for sampling."""
         from ..eval.stage import pipeline_for
 
+        from ..memorization.sampling import apply_sampling_options
+
         comps = self.components
         text_encoder = self.accelerator.unwrap_model(comps.text_encoder)
-        return pipeline_for(comps, self.accelerator.unwrap_model(comps.unet), text_encoder)
+        return apply_sampling_options(pipeline_for(comps, self.accelerator.unwrap_model(comps.unet), text_encoder), self.cfg.sampling)
 
     def validation_prompts(self) -> list[str]:
         prompts = self.cfg.train.validation_prompts
@@ -525,9 +588,22 @@ class Trainer:
             self.validate(self.state.step)
         if self.is_main:
             exporter.export_lora(self)
+            self.write_hygiene_stats()
         acc.wait_for_everyone()
         self.after_export()
         acc.end_training()
+
+    def write_hygiene_stats(self) -> None:
+        """memorization.json: realised caption-randomization rate and filter statistics (when either is on)."""
+        stats = {}
+        if self.captions.active:
+            stats["captions"] = self.captions.stats()
+        if self.sample_filter is not None:
+            stats["memorization_filter"] = self.sample_filter.stats()
+        if stats:
+            from ..io import atomic_write_json
+
+            atomic_write_json(self.run_dir / "memorization.json", stats)
 
     def after_export(self) -> None:
         """The evaluation stage (eval.enabled): attacks, utility, report and the LoRA's privacy card."""

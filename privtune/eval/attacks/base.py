@@ -79,11 +79,15 @@ class EncodedSamples:
 @dataclass
 class AttackTarget:
     """What a gray-box attacker queries: a noise predictor and the target scheduler's ᾱ_t.
-    Batches are moved to `device` (default: where the latents already are)."""
+    Batches are moved to `device` (default: where the latents already are). Prompt-level
+    memorization attacks also need the empty-prompt embedding `uncond` [1,L,D] and, for Ren et
+    al.'s mode D, each sample's tokenised prompt length (BOS + tokens + first EOS) by sample id."""
 
     predictor: NoisePredictor
     alphas_cumprod: Tensor
     device: torch.device | str | None = None
+    uncond: Tensor | None = None
+    token_lengths: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.alphas_cumprod.dim() != 1:
@@ -175,3 +179,10 @@ class Attack:
 
     def params(self) -> dict[str, Any]:
         return {"seed": self.seed}
+
+
+def base_predictor(predictor):
+    """The innermost predictor under wrappers such as NFECounter (which keep theirs in `.predictor`)."""
+    while hasattr(predictor, "predictor"):
+        predictor = predictor.predictor
+    return predictor
