@@ -101,3 +101,54 @@ def load_lora(components, lora_dir) -> None:
             f"the LoRA in {folder} does not fit the base model {components.path}: only {len(loaded)} of its "
             f"{len(unet_keys)} UNet tensors match a module; was it trained on another base model?"
         )
+
+
+def tuner_layers(model: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def use_adapter(model: torch.nn.Module, name: str, layers: list | None = None) -> None:
+    """Make adapter `name` the active one of every LoRA layer, leaving every `requires_grad` flag as it was.
+
+    peft's `set_adapter` also flips `requires_grad` (active on, others off); a trainer that owns which
+    adapters train (DualMD trains two, DistillMD's teachers stay frozen) must not have that changed.
+    """
+    layers = tuner_layers(model) if layers is None else layers
+    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for m in layers:
+        m.set_adapter(name)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+def active_adapter(model: torch.nn.Module) -> str:
+    layers = tuner_layers(model)
+    names = {tuple(m.active_adapters) for m in layers}
+    if len(names) != 1:
+        raise ValueError(f"LoRA layers disagree on the active adapter: {sorted(names)}")
+    return ",".join(names.pop())
+
+
+def load_adapter(model: torch.nn.Module, weights_file, config, adapter_name: str) -> list[torch.nn.Parameter]:
+    """Add adapter `adapter_name` (shaped by `config`) to `model` and fill it from an exported diffusers file.
+
+    Every tensor of the file must land in a module; returns the adapter's parameters (frozen).
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from ..errors import ModelError
+
+    params = add_lora(model, config, adapter_name)
+    state = {k[len("unet."):]: v for k, v in load_file(str(weights_file)).items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora_" in k]
+    loaded = lora_state_dict(model, adapter_name)
+    if unexpected or len(loaded) != len(state):
+        raise ModelError(f"the adapter {weights_file} does not fit this UNet ({len(state)} tensors in the file, "
+                         f"{len(loaded)} in the adapter, {len(unexpected)} unexpected); was it trained with other lora settings?")
+    for p in params:
+        p.requires_grad_(False)
+    return params

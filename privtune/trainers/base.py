@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import flat, to_yaml
+from ..data.augment import build_augmentation
 from ..data.sources import load_source
 from ..data.split import Split, load_manifest, make_split, save_manifest, split_from_manifest
 from ..data.transforms import preprocess
@@ -63,6 +64,7 @@ class Trainer:
     """Plain LoRA training; defenses override `compute_loss` or the hooks around it."""
 
     name = "base"
+    augmentation = None
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -106,6 +108,7 @@ class Trainer:
             raise ConfigError(f"tracking must be none, wandb or tensorboard (got {cfg.tracking!r})")
         if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+        self.augmentation = build_augmentation(cfg.data)
 
     def setup_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -177,7 +180,7 @@ class Trainer:
         for module in (comps.vae, comps.text_encoder, comps.unet):
             module.to(self.device)
         self.lora_config = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
-        self.trainable = add_lora(comps.unet, self.lora_config)
+        self.trainable = self.add_unet_adapters()
         self.text_lora_config = None
         if cfg.lora.text_encoder:
             self.text_lora_config = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.text_encoder_targets))
@@ -191,10 +194,14 @@ class Trainer:
         comps.unet.train()
         self.setup_inputs()
 
+    def add_unet_adapters(self) -> list[torch.nn.Parameter]:
+        """Attach the trainable UNet adapter(s); returns their parameters. DualMD / DistillMD attach several."""
+        return add_lora(self.components.unet, self.lora_config)
+
     @property
     def caches(self) -> bool:
         cfg = self.cfg
-        return bool(cfg.train.cache_latents and not cfg.lora.text_encoder and cfg.data.center_crop)
+        return bool(cfg.train.cache_latents and not cfg.lora.text_encoder and cfg.data.center_crop and self.augmentation is None)
 
     def setup_inputs(self) -> None:
         """Cache VAE posteriors (both orientations when flipping) and text embeddings, or prepare to encode per step."""
@@ -203,6 +210,9 @@ class Trainer:
         comps = self.components
         self.input_ids = self.tokenize([r.caption for r in records])
         self.cache = None
+        if cfg.train.cache_latents and self.augmentation is not None and self.is_main:
+            print(f"privtune: latent caching off: {self.augmentation.describe()} draws new pixels every step "
+                  "(train.cache_latents=true is ignored while data.cutout / data.randaugment are on)")
         if not self.caches:
             return
         flips = (False, True) if cfg.data.random_flip else (False,)
@@ -341,8 +351,9 @@ class Trainer:
             print(f"privtune: resumed from {path} at step {self.state.step}")
 
     # ------------------------------------------------------------------ batches and loss
-    def micro_batch(self, micro_step: int) -> Batch:
-        rows, flips = self.schedule.rows(micro_step)
+    def micro_batch(self, micro_step: int, schedule=None) -> Batch:
+        """The batch of `micro_step` under `schedule` (default: the trainer's own batch schedule)."""
+        rows, flips = (schedule or self.schedule).rows(micro_step)
         gen = self.state.generator
         if self.cache is not None:
             index = torch.as_tensor(rows)
@@ -362,6 +373,8 @@ class Trainer:
                            np.random.default_rng([cfg.seed, micro_step, int(r)]))
                 for r, f in zip(rows, flips)
             ])
+            if self.augmentation is not None:
+                pixels = self.augmentation(pixels, cfg.seed, micro_step, rows)
             with torch.no_grad():
                 dist = self.components.vae.encode(pixels.to(self.device, self.weight_dtype)).latent_dist
                 eps = torch.randn(dist.mean.shape, generator=gen).to(self.device)
@@ -485,10 +498,14 @@ class Trainer:
         if self.cfg.train.validation_every:
             self.validate(self.state.step)
         if self.is_main:
-            exporter.export_lora(self)
+            self.export()
         acc.wait_for_everyone()
         self.after_export()
         acc.end_training()
+
+    def export(self) -> None:
+        """Write the trained adapter(s) to run_dir/lora (main process only); defenses with several adapters override."""
+        exporter.export_lora(self)
 
     def after_export(self) -> None:
         """The evaluation stage (eval.enabled): attacks, utility, report and the LoRA's privacy card."""
