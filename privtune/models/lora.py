@@ -44,13 +44,17 @@ def lora_config(rank: int, alpha: float, dropout: float, targets):
 
 def add_lora(model: torch.nn.Module, config, adapter_name: str = "default") -> list[torch.nn.Parameter]:
     """Attach a LoRA adapter (diffusers' / transformers' peft integration); returns its parameters."""
-    try:
-        if hasattr(model, "add_adapter"):
-            model.add_adapter(config, adapter_name=adapter_name)
-        else:
-            from peft import inject_adapter_in_model
+    import warnings
 
-            inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    try:
+        with warnings.catch_warnings():  # a second adapter (DualMD, DistillMD) is intended
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            if hasattr(model, "add_adapter"):
+                model.add_adapter(config, adapter_name=adapter_name)
+            else:
+                from peft import inject_adapter_in_model
+
+                inject_adapter_in_model(config, model, adapter_name=adapter_name)
     except ValueError as exc:
         raise ConfigError(f"cannot attach LoRA to {type(model).__name__}: {exc}. Check lora.targets") from exc
     params = [p for n, p in model.named_parameters() if "lora_" in n and f".{adapter_name}." in n + "."]
