@@ -69,7 +69,7 @@ def test_targets_come_from_the_teacher_that_did_not_see_the_sample(tmp_path, tea
 def test_teachers_frozen_no_grad_eval_same_inputs(tmp_path, teachers, base_model):
     from privtune.models.lora import active_adapter
 
-    trainer = prepared(tmp_path / "run", teachers, base_model, "lora.dropout=0.1")
+    trainer = prepared(tmp_path / "run", teachers, base_model, "lora.dropout=0.1", "optim.weight_decay=5e-4")
     unet = trainer.unet
     calls = []
     unet.register_forward_pre_hook(lambda m, args, kwargs: calls.append(
@@ -96,6 +96,7 @@ def test_teachers_frozen_no_grad_eval_same_inputs(tmp_path, teachers, base_model
     optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert optimized == {id(p) for p in trainer.trainable}
     assert not optimized & {id(p) for p in trainer.teacher_params}
+    assert all(g["weight_decay"] == 5e-4 for g in trainer.optimizer.param_groups)  # weight decay: student LoRA only
 
 
 def test_student_export_is_a_normal_lora(tmp_path, teachers, base_model):
