@@ -266,3 +266,20 @@ def test_resume_equals_uninterrupted(tmp_path, base_model):
 def test_bad_config(tmp_path, base_model, capsys, args, message):
     assert main(dual_args(tmp_path / "run", f"model.base={base_model}", *args)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_standalone_evaluate_of_a_dualmd_run_matches_the_automatic_stage(tmp_path, base_model):
+    from privtune.evaluate import main as evaluate_main
+
+    run = tmp_path / "run"
+    fast = ("eval.enabled=true", "eval.attacks=[loss,pia]", "eval.bootstrap=20", "eval.utility=false",
+            "eval.attack_params={loss: {timesteps: [100, 300], draws: 1}, pia: {timesteps: [100, 300]}}")
+    assert main(dual_args(run, f"model.base={base_model}", "optim.lr=1e-2", *fast, steps=2)) == 0
+    card = (run / "lora" / "README.md").read_text()
+    assert "dualmd_sampling" in card and "load_dualmd" in card
+    reset_accelerate()
+    assert evaluate_main([f"run={run}", f"out={tmp_path / 'again'}"]) == 0
+    first = json.loads((run / "report.json").read_text())
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    for name in ("loss", "pia"):
+        assert first["attacks"][name]["samples"]["scores"] == pytest.approx(again["attacks"][name]["samples"]["scores"], rel=1e-5)

@@ -71,7 +71,7 @@ def lora_state_dict(model: torch.nn.Module, adapter_name: str = "default") -> di
     return get_peft_model_state_dict(model, adapter_name=adapter_name)
 
 
-def load_lora(components, lora_dir) -> None:
+def load_lora(components, lora_dir, adapter_name: str = "default") -> None:
     """Load an exported LoRA folder into the components' UNet (and text encoder) through diffusers.
 
     diffusers only warns when no key matches, so we check that every tensor of the file found a
@@ -92,14 +92,14 @@ def load_lora(components, lora_dir) -> None:
         raise ModelError(f"cannot read the LoRA in {folder}: {exc}") from exc
     unet_keys = [k for k in state if k.startswith("unet.")]
     try:
-        StableDiffusionPipeline.load_lora_into_unet(state, network_alphas=None, unet=components.unet, adapter_name="default")
+        StableDiffusionPipeline.load_lora_into_unet(state, network_alphas=None, unet=components.unet, adapter_name=adapter_name)
         text_keys = [k for k in state if k.startswith("text_encoder.")]
         if text_keys:
             StableDiffusionPipeline.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=components.text_encoder,
-                                                                adapter_name="default")
+                                                                adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ModelError(f"the LoRA in {folder} does not fit the base model {components.path}: {str(exc)[:500]}") from exc
-    loaded = lora_state_dict(components.unet)
+    loaded = lora_state_dict(components.unet, adapter_name)
     if len(loaded) < len(unet_keys):
         raise ModelError(
             f"the LoRA in {folder} does not fit the base model {components.path}: only {len(loaded)} of its "

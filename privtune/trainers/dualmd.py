@@ -247,6 +247,24 @@ def export_dualmd(folder: Path, unet, lora_config, kohya: bool = False, inferenc
     return folder
 
 
+def is_dualmd_export(folder) -> bool:
+    return (Path(folder) / "dualmd.json").is_file()
+
+
+def dualmd_alternation(components, folder, cfg) -> AdapterAlternation:
+    """Load an exported DualMD pair as adapters A and B of `components.unet`; the alternation to attack it with.
+
+    The schedule is the run's `dualmd.inference_steps` (else `eval.utility_inference_steps`).
+    """
+    from ..models.lora import load_lora
+
+    for name, sub in EXPORT_DIRS.items():
+        load_lora(components, Path(folder) / sub, name)
+    steps = cfg.dualmd.inference_steps if "dualmd" in cfg else cfg.eval.utility_inference_steps
+    use_adapter(components.unet, ADAPTERS[0])
+    return AdapterAlternation(components.unet, ddim_timesteps(components.noise_scheduler.config, int(steps)), ADAPTERS)
+
+
 def usage_lines(base_model: str, steps: int) -> list[str]:
     return ["## Usage", "",
             "Two adapters (DualMD): `adapter_a` and `adapter_b` must be alternated across DDIM steps "
