@@ -268,6 +268,7 @@ def test_bad_config(tmp_path, base_model, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_standalone_evaluate_of_a_dualmd_run_matches_the_automatic_stage(tmp_path, base_model):
     from privtune.evaluate import main as evaluate_main
 
