@@ -77,7 +77,7 @@ class DistillMDTrainer(PromptDiversification, Trainer):
                                   f"lora/adapter_b and {HALVES_FILE}); train one with recipe=dualmd or set distill.teachers=null")
         elif int(cfg.distill.teacher_steps) < 1:
             raise ConfigError(f"distill.teacher_steps must be >= 1 (got {cfg.distill.teacher_steps})")
-        if cfg.train.batch_size < 2 or cfg.train.batch_size % 2:
+        if not cfg.distill.teachers and (cfg.train.batch_size < 2 or cfg.train.batch_size % 2):
             raise ConfigError(f"distillmd trains its teachers with train.batch_size split between A and B; make it even and >= 2 "
                               f"(got {cfg.train.batch_size})")
 
