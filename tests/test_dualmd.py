@@ -284,3 +284,26 @@ def test_standalone_evaluate_of_a_dualmd_run_matches_the_automatic_stage(tmp_pat
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     for name in ("loss", "pia"):
         assert first["attacks"][name]["samples"]["scores"] == pytest.approx(again["attacks"][name]["samples"]["scores"], rel=1e-5)
+
+
+def test_prompt_diversification_draws_one_of_a_members_captions(tmp_path, base_model):
+    from privtune.config import load_config
+    from privtune.trainers import get_trainer
+
+    trainer = prepare_trainer(get_trainer("dualmd")(load_config("dualmd", dual_args(tmp_path / "run", f"model.base={base_model}")[1:])))
+    for r in trainer.train_records:
+        r.captions = [r.caption, f"{r.caption} glyph"]  # several captions, as deduplication merges them
+    trainer.setup_caption_choices()
+    used = set()
+    with torch.no_grad():
+        for step in range(4):
+            batch = trainer.micro_batch(step, trainer.half_schedules[0])
+            again = trainer.micro_batch(step, trainer.half_schedules[0])
+            torch.testing.assert_close(batch.encoder_hidden_states, again.encoder_hidden_states)  # seeded per (step, row)
+            for state, row in zip(batch.encoder_hidden_states, batch.rows.tolist()):
+                options = trainer.caption_choices[row]
+                encoded = trainer.encode_text(trainer.tokenize(options))
+                match = [k for k in range(2) if torch.allclose(state, encoded[k], atol=1e-5)]
+                assert len(match) == 1
+                used.add(match[0])
+    assert used == {0, 1}
