@@ -2,7 +2,7 @@
 
     python benchmarks/defense_table.py LoRA=/work/main/runs/evidence/lora-s{0,1,2} SMP-LoRA=/work/evidence/smp_lora-s{0,1,2}
 
-Arguments are NAME=RUN_DIR (repeat a name once per seed); missing or unfinished runs are listed, not guessed.
+Arguments are NAME=RUN_DIR[,RUN_DIR...] (or repeat a name once per seed); missing or unfinished runs are listed, not guessed.
 Prints a markdown table.
 """
 
@@ -30,12 +30,13 @@ def main(argv: list[str]) -> int:
     runs: dict[str, list[dict]] = {}
     missing = []
     for arg in argv:
-        name, _, path = arg.partition("=")
-        report = Path(path) / "report.json"
-        if not report.is_file():
-            missing.append(path)
-            continue
-        runs.setdefault(name, []).append(json.loads(report.read_text()) | {"_path": path})
+        name, _, paths = arg.partition("=")
+        for path in paths.split(","):
+            report = Path(path) / "report.json"
+            if not report.is_file():
+                missing.append(path)
+                continue
+            runs.setdefault(name, []).append(json.loads(report.read_text()) | {"_path": path})
     attacks = sorted({a for reports in runs.values() for r in reports for a in r["attacks"]})
     cols = ["method", "seeds", "best-attack AUC (mean ± std)", "per seed: best attack, AUC [95% CI]",
             *[f"{a} AUC" for a in attacks], *[label for _, label, _ in UTILITY]]

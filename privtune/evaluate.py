@@ -99,13 +99,22 @@ def evaluate(argv) -> dict:
     freeze(components.vae, components.text_encoder, components.unet)
     for m in (components.vae, components.text_encoder, components.unet):
         m.to(accelerator.device)
-    load_lora(components, lora_dir)
+    from contextlib import nullcontext
+
+    from .trainers.dualmd import dualmd_alternation, is_dualmd_export
+
+    alternation = nullcontext()
+    if is_dualmd_export(lora_dir):
+        alternation = dualmd_alternation(components, lora_dir, cfg)
+    else:
+        load_lora(components, lora_dir)
     components.unet.to(accelerator.device)
     out.mkdir(parents=True, exist_ok=True)
     # The LoRA's card describes the run's own report: only re-write it when the report goes back there.
     card_dir = lora_dir if run is not None and out.resolve() == run.resolve() else None
-    report = evaluate_model(cfg=cfg, components=components, unet=components.unet, split=split, run_dir=out,
-                            accelerator=accelerator, lora_dir=card_dir)
+    with alternation:
+        report = evaluate_model(cfg=cfg, components=components, unet=components.unet, split=split, run_dir=out,
+                                accelerator=accelerator, lora_dir=card_dir)
     return report
 
 

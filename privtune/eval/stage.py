@@ -58,7 +58,9 @@ def defense_summary(cfg) -> dict:
     keep = {"trainer": container["trainer"], "lora": container["lora"],
             "optim": {k: container["optim"][k] for k in ("lr", "weight_decay")},
             "train": {k: container["train"][k] for k in ("max_steps", "batch_size")},
-            "data": {k: container["data"][k] for k in ("members", "resolution", "center_crop", "random_flip")}}
+            "data": {k: container["data"][k] for k in ("members", "resolution", "center_crop", "random_flip",
+                                                       "cutout", "randaugment", "randaugment_magnitude")
+                     if k in container["data"]}}
     for key, value in container.items():
         if key not in ("trainer", "seed", "output_dir", "resume", "overwrite", "tracking", "tracker_project",
                        "model", "data", "lora", "train", "optim", "export", "eval", "recipe"):

@@ -44,13 +44,17 @@ def lora_config(rank: int, alpha: float, dropout: float, targets):
 
 def add_lora(model: torch.nn.Module, config, adapter_name: str = "default") -> list[torch.nn.Parameter]:
     """Attach a LoRA adapter (diffusers' / transformers' peft integration); returns its parameters."""
-    try:
-        if hasattr(model, "add_adapter"):
-            model.add_adapter(config, adapter_name=adapter_name)
-        else:
-            from peft import inject_adapter_in_model
+    import warnings
 
-            inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    try:
+        with warnings.catch_warnings():  # a second adapter (DualMD, DistillMD) is intended
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            if hasattr(model, "add_adapter"):
+                model.add_adapter(config, adapter_name=adapter_name)
+            else:
+                from peft import inject_adapter_in_model
+
+                inject_adapter_in_model(config, model, adapter_name=adapter_name)
     except ValueError as exc:
         raise ConfigError(f"cannot attach LoRA to {type(model).__name__}: {exc}. Check lora.targets") from exc
     params = [p for n, p in model.named_parameters() if "lora_" in n and f".{adapter_name}." in n + "."]
@@ -67,7 +71,7 @@ def lora_state_dict(model: torch.nn.Module, adapter_name: str = "default") -> di
     return get_peft_model_state_dict(model, adapter_name=adapter_name)
 
 
-def load_lora(components, lora_dir) -> None:
+def load_lora(components, lora_dir, adapter_name: str = "default") -> None:
     """Load an exported LoRA folder into the components' UNet (and text encoder) through diffusers.
 
     diffusers only warns when no key matches, so we check that every tensor of the file found a
@@ -88,16 +92,67 @@ def load_lora(components, lora_dir) -> None:
         raise ModelError(f"cannot read the LoRA in {folder}: {exc}") from exc
     unet_keys = [k for k in state if k.startswith("unet.")]
     try:
-        StableDiffusionPipeline.load_lora_into_unet(state, network_alphas=None, unet=components.unet, adapter_name="default")
+        StableDiffusionPipeline.load_lora_into_unet(state, network_alphas=None, unet=components.unet, adapter_name=adapter_name)
         text_keys = [k for k in state if k.startswith("text_encoder.")]
         if text_keys:
             StableDiffusionPipeline.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=components.text_encoder,
-                                                                adapter_name="default")
+                                                                adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ModelError(f"the LoRA in {folder} does not fit the base model {components.path}: {str(exc)[:500]}") from exc
-    loaded = lora_state_dict(components.unet)
+    loaded = lora_state_dict(components.unet, adapter_name)
     if len(loaded) < len(unet_keys):
         raise ModelError(
             f"the LoRA in {folder} does not fit the base model {components.path}: only {len(loaded)} of its "
             f"{len(unet_keys)} UNet tensors match a module; was it trained on another base model?"
         )
+
+
+def tuner_layers(model: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def use_adapter(model: torch.nn.Module, name: str, layers: list | None = None) -> None:
+    """Make adapter `name` the active one of every LoRA layer, leaving every `requires_grad` flag as it was.
+
+    peft's `set_adapter` also flips `requires_grad` (active on, others off); a trainer that owns which
+    adapters train (DualMD trains two, DistillMD's teachers stay frozen) must not have that changed.
+    """
+    layers = tuner_layers(model) if layers is None else layers
+    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for m in layers:
+        m.set_adapter(name)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+def active_adapter(model: torch.nn.Module) -> str:
+    layers = tuner_layers(model)
+    names = {tuple(m.active_adapters) for m in layers}
+    if len(names) != 1:
+        raise ValueError(f"LoRA layers disagree on the active adapter: {sorted(names)}")
+    return ",".join(names.pop())
+
+
+def load_adapter(model: torch.nn.Module, weights_file, config, adapter_name: str) -> list[torch.nn.Parameter]:
+    """Add adapter `adapter_name` (shaped by `config`) to `model` and fill it from an exported diffusers file.
+
+    Every tensor of the file must land in a module; returns the adapter's parameters (frozen).
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from ..errors import ModelError
+
+    params = add_lora(model, config, adapter_name)
+    state = {k[len("unet."):]: v for k, v in load_file(str(weights_file)).items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora_" in k]
+    loaded = lora_state_dict(model, adapter_name)
+    if unexpected or len(loaded) != len(state):
+        raise ModelError(f"the adapter {weights_file} does not fit this UNet ({len(state)} tensors in the file, "
+                         f"{len(loaded)} in the adapter, {len(unexpected)} unexpected); was it trained with other lora settings?")
+    for p in params:
+        p.requires_grad_(False)
+    return params

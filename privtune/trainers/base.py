@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import flat, to_yaml
+from ..data.augment import build_augmentation
 from ..data.sources import load_source
 from ..data.split import Split, load_manifest, make_split, save_manifest, split_from_manifest
 from ..data.stage import DataStage, check_settings as check_data_settings
@@ -82,6 +83,7 @@ class Trainer:
     """Plain LoRA training; defenses override `compute_loss` or the hooks around it."""
 
     name = "base"
+    augmentation = None
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -126,6 +128,7 @@ class Trainer:
             raise ConfigError(f"tracking must be none, wandb or tensorboard (got {cfg.tracking!r})")
         if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+        self.augmentation = build_augmentation(cfg.data)
         self.validate_hygiene()
 
     def validate_hygiene(self) -> None:
@@ -217,7 +220,7 @@ class Trainer:
         for module in (comps.vae, comps.text_encoder, comps.unet):
             module.to(self.device)
         self.lora_config = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
-        self.trainable = add_lora(comps.unet, self.lora_config)
+        self.trainable = self.add_unet_adapters()
         self.text_lora_config = None
         if cfg.lora.text_encoder:
             self.text_lora_config = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.text_encoder_targets))
@@ -239,10 +242,14 @@ class Trainer:
         (e.g. a proxy attacker's non-members), addressed by `batch_for` with indices past the training rows."""
         return self.train_records
 
+    def add_unet_adapters(self) -> list[torch.nn.Parameter]:
+        """Attach the trainable UNet adapter(s); returns their parameters. DualMD / DistillMD attach several."""
+        return add_lora(self.components.unet, self.lora_config)
+
     @property
     def caches(self) -> bool:
         cfg = self.cfg
-        return bool(cfg.train.cache_latents and not cfg.lora.text_encoder and cfg.data.center_crop)
+        return bool(cfg.train.cache_latents and not cfg.lora.text_encoder and cfg.data.center_crop and self.augmentation is None)
 
     def setup_inputs(self) -> None:
         """Cache VAE posteriors (both orientations when flipping) and text embeddings, or prepare to encode per step."""
@@ -252,6 +259,9 @@ class Trainer:
         self.base_captions = [self.captions.base(r) for r in records]
         self.input_ids = self.tokenize(self.base_captions)
         self.cache = None
+        if cfg.train.cache_latents and self.augmentation is not None and self.is_main:
+            print(f"privtune: latent caching off: {self.augmentation.describe()} draws new pixels every step "
+                  "(train.cache_latents=true is ignored while data.cutout / data.randaugment are on)")
         if not self.caches:
             return
         flips = (False, True) if cfg.data.random_flip else (False,)
@@ -395,12 +405,13 @@ class Trainer:
             print(f"privtune: resumed from {path} at step {self.state.step}")
 
     # ------------------------------------------------------------------ batches and loss
-    def micro_batch(self, micro_step: int) -> Batch:
-        rows, flips = self.schedule.rows(micro_step)
+    def micro_batch(self, micro_step: int, schedule=None) -> Batch:
+        """The batch of `micro_step` under `schedule` (default: the trainer's own batch schedule)."""
+        rows, flips = (schedule or self.schedule).rows(micro_step)
         return self.batch_for(rows, flips, micro_step)
 
     def batch_for(self, rows, flips, key: int) -> Batch:
-        """The batch of `input_records()` rows `rows` (flipped where `flips`); `key` seeds random crops."""
+        """The batch of `input_records()` rows `rows` (flipped where `flips`); `key` seeds crops and augmentations."""
         gen = self.state.generator
         if self.cache is not None:
             index = torch.as_tensor(rows)
@@ -420,6 +431,8 @@ class Trainer:
                            np.random.default_rng([cfg.seed, key, int(r)]))
                 for r, f in zip(rows, flips)
             ])
+            if self.augmentation is not None:
+                pixels = self.augmentation(pixels, cfg.seed, key, rows)
             with torch.no_grad():
                 dist = self.components.vae.encode(pixels.to(self.device, self.weight_dtype)).latent_dist
                 eps = torch.randn(dist.mean.shape, generator=gen).to(self.device)
@@ -431,16 +444,16 @@ class Trainer:
                 with torch.no_grad():
                     states = self.encode_text(ids)
         latents = (latents * self.components.scaling_factor).to(self.device)
-        states = self.randomize_captions(micro_step, rows, states)
+        states = self.randomize_captions(key, rows, states)
         return Batch(latents, states.to(self.device, self.weight_dtype), torch.as_tensor(rows))
 
-    def randomize_captions(self, micro_step: int, rows, states: torch.Tensor) -> torch.Tensor:
+    def randomize_captions(self, key: int, rows, states: torch.Tensor) -> torch.Tensor:
         """Caption randomization (privtune.data.captions): re-encode the rows whose caption changed, add embedding noise."""
         rz = self.captions
         if not rz.active:
             return states
         if rz.text_active:
-            draws = [rz.draw(self.train_records[int(r)], micro_step, int(r)) for r in rows]
+            draws = [rz.draw(self.encoded_records[int(r)], key, int(r)) for r in rows]
             changed = [i for i, (d, r) in enumerate(zip(draws, rows)) if d.caption != self.base_captions[int(r)]]
             if changed:
                 ids = self.tokenize([draws[i].caption for i in changed])
@@ -449,7 +462,7 @@ class Trainer:
                 states = states.clone()
                 states[torch.as_tensor(changed, device=states.device)] = fresh.to(states.device, states.dtype)
         if rz.noise:
-            states = states + rz.embedding_noise(states.shape, micro_step, rows).to(states.device, states.dtype)
+            states = states + rz.embedding_noise(states.shape, key, rows).to(states.device, states.dtype)
         return states
 
     def sample_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -587,7 +600,7 @@ class Trainer:
         if self.cfg.train.validation_every:
             self.validate(self.state.step)
         if self.is_main:
-            exporter.export_lora(self)
+            self.export()
             self.write_hygiene_stats()
         acc.wait_for_everyone()
         self.after_export()
@@ -604,6 +617,10 @@ class Trainer:
             from ..io import atomic_write_json
 
             atomic_write_json(self.run_dir / "memorization.json", stats)
+
+    def export(self) -> None:
+        """Write the trained adapter(s) to run_dir/lora (main process only); defenses with several adapters override."""
+        exporter.export_lora(self)
 
     def after_export(self) -> None:
         """The evaluation stage (eval.enabled): attacks, utility, report and the LoRA's privacy card."""
