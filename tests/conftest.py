@@ -101,3 +101,23 @@ def launch_two_processes(module: str, args: list[str], timeout: int = 900) -> su
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
+
+
+def load_tiny(base_model: str):
+    """Fresh components of the base model with the UNet in eval mode, for tests that only run forwards."""
+    from omegaconf import OmegaConf
+
+    from privtune.models.loading import load_components
+
+    comps = load_components(OmegaConf.create({"base": base_model, "revision": None, "variant": None,
+                                              "allow_unsafe_weights": False}))
+    comps.unet.eval()
+    return comps
+
+
+def encode_prompts(comps, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder hidden states of `prompts`, padded to the tokenizer's max length."""
+    tok = comps.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return comps.text_encoder(ids)[0]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from privtune.errors import ConfigError
 from privtune.eval.attacks import ATTACKS, AttackTarget, EncodedSamples
@@ -14,7 +13,7 @@ from privtune.eval.metrics import auc
 from privtune.eval.primitives import UNetPredictor, seeded_noise
 from privtune.memorization.attention import entropy, install_probe
 
-from .conftest import make_image_folder
+from .conftest import encode_prompts, load_tiny, make_image_folder
 
 torch.set_num_threads(1)
 
@@ -56,18 +55,10 @@ def test_wen_scores_memorized_prompts_higher_on_the_oracle(name):
 
 @pytest.fixture(scope="module")
 def tiny(base_model):
-    from privtune.models.loading import load_components
-
-    c = load_components(OmegaConf.create({"base": base_model, "revision": None, "variant": None, "allow_unsafe_weights": False}))
-    c.unet.eval()
-    return c
+    return load_tiny(base_model)
 
 
-def encode(comps, prompts):
-    tok = comps.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return comps.text_encoder(ids)[0]
+encode = encode_prompts
 
 
 def test_ren_mode_e_is_the_entropy_of_the_recorded_layer(tiny):

@@ -14,7 +14,7 @@ from privtune.memorization.attention import entropy, install_probe, partial_entr
 from privtune.memorization.sampling import MitigatedPipeline, apply_sampling_options, prompt_lengths
 from privtune.memorization.wen import optimize_prompt_embeds, scaled_target
 
-from .conftest import train_args
+from .conftest import encode_prompts, load_tiny, train_args
 
 torch.set_num_threads(1)
 
@@ -23,18 +23,10 @@ PROMPTS = ["a red apple", "grinning face with big eyes and a smile"]
 
 @pytest.fixture(scope="module")
 def comps(base_model):
-    from privtune.models.loading import load_components
-
-    c = load_components(OmegaConf.create({"base": base_model, "revision": None, "variant": None, "allow_unsafe_weights": False}))
-    c.unet.eval()
-    return c
+    return load_tiny(base_model)
 
 
-def encode(comps, prompts):
-    tok = comps.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return comps.text_encoder(ids)[0]
+encode = encode_prompts
 
 
 def cfg_batch(comps, seed=0):
