@@ -15,7 +15,8 @@ from .conftest import REPO
 
 
 def node(**kw):
-    base = dict(enabled=True, captions=6, generations=12, clique=5, delta=0.15, tiles=4, inference_steps=2, guidance_scale=3.0, pairs_png=4)
+    base = dict(enabled=True, captions=6, generations=12, clique=5, delta=0.15, reference="image", tiles=4, inference_steps=2,
+                guidance_scale=3.0, pairs_png=4)
     return OmegaConf.create({**base, **kw})
 
 
@@ -51,6 +52,50 @@ def test_filter_flags_only_regenerated_members(tmp_path, monkeypatch):
     json.dumps(out)
 
 
+def test_reconstruction_reference_confirms_copies_of_what_the_vae_can_produce(monkeypatch):
+    """A generator that reproduces m2 only up to a lossy codec: never confirmed against the raw image
+    (distance > delta), confirmed against the codec's reconstruction; other captions stay unconfirmed."""
+    recs = members()
+    coarse = {r.id: np.asarray(r.image.resize((4, 4), Image.BOX).resize((32, 32), Image.NEAREST), dtype=np.float64) * 0.6 + 60
+              for r in recs}
+
+    def fake_autoencoded(pipe, images, resolution, batch_size=64):
+        by_image = {id(r.image): r.id for r in recs}
+        return np.stack([coarse[by_image[id(im)]] / 255.0 for im in images])
+
+    def fake_generate(pipe, captions, steps, guidance, seed, batch_size):
+        rng = np.random.default_rng(seed)
+        if captions[0] == "caption 2":
+            return np.clip(coarse["m2"] + rng.normal(0, 2, (len(captions), 32, 32, 3)), 0, 255).astype(np.uint8)
+        return np.repeat(np.clip(coarse["m5"][None] + 60, 0, 255), len(captions), 0).astype(np.uint8)
+
+    monkeypatch.setattr(extraction, "autoencoded", fake_autoencoded)
+    monkeypatch.setattr(extraction.recognition, "generate", fake_generate)
+    raw = extraction.run_extraction(None, recs, node(), resolution=32, seed=0, progress=False)
+    rows = {r["id"]: r for r in raw["per_caption"]}
+    assert rows["m2"]["flagged"] and rows["m2"]["image_distance"] > 0.15 and raw["n_extracted"] == 0
+    rec = extraction.run_extraction(None, recs, node(reference="reconstruction"), resolution=32, seed=0, progress=False)
+    rows = {r["id"]: r for r in rec["per_caption"]}
+    assert rec["extracted_members"] == ["m2"] and rows["m2"]["distance"] < 0.05
+    assert rows["m5"]["flagged"] and not rows["m5"]["extracted"]  # a clique far from its own image is not an extraction
+
+
+def test_autoencoded_matches_the_vae_round_trip(base_model):
+    """The reference images are the pipeline VAE's reconstruction: close to, but not equal to, the input."""
+    from privtune.data.similarity import tiled_l2_matrix, to_pixels
+    from privtune.eval.stage import pipeline_for
+
+    from .conftest import load_tiny
+
+    comps = load_tiny(base_model)
+    recs = members(4)
+    rec = extraction.autoencoded(pipeline_for(comps, comps.unet), [r.image for r in recs], 32)
+    raw = to_pixels([r.image for r in recs], 32)
+    d = tiled_l2_matrix(rec, raw, 4)
+    assert rec.shape == raw.shape and 0.0 < np.diag(d).max() < 0.5
+    assert (np.diag(d) <= d.min(axis=1) + 1e-9).all()  # each reconstruction is nearest to its own input
+
+
 def test_bad_settings():
     with pytest.raises(ConfigError, match="exceeds"):
         extraction.check_settings(node(clique=20, generations=10), 32)
@@ -58,6 +103,8 @@ def test_bad_settings():
         extraction.check_settings(node(delta=2.0), 32)
     with pytest.raises(ConfigError, match="divide"):
         extraction.check_settings(node(tiles=5), 32)
+    with pytest.raises(ConfigError, match="reference"):
+        extraction.check_settings(node(reference="latent"), 32)
 
 
 def _extracted(run_dir):
@@ -70,7 +117,7 @@ def test_duplicated_members_are_extracted_and_dedup_extracts_fewer(tmp_path, bas
     from privtune.train import main
 
     common = [f"model.base={base_model}", "data.members=8", "data.nonmembers=8", "data.duplicate.members=2",
-              "data.duplicate.repeats=50", "train.max_steps=300", "train.batch_size=8", "train.validation_every=0",
+              "data.duplicate.repeats=50", "train.max_steps=600", "train.batch_size=8", "train.validation_every=0",
               "train.checkpoint_every=0", "eval.attacks=[loss]", "eval.utility=false", "eval.extraction.captions=8"]
     assert main(["recipe=duplicated", f"output_dir={tmp_path / 'lora'}", *common]) == 0
     assert main(["recipe=duplicated", f"output_dir={tmp_path / 'dedup'}", "dedup.enabled=true", *common]) == 0

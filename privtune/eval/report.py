@@ -322,9 +322,12 @@ def memorization_lines(report: Mapping[str, Any]) -> list[str]:
                 f"{ex['n_extracted']} members extracted ({', '.join(ex['extracted_members']) or 'none'}) from {ex['n_captions']} "
                 f"member captions; {ex['n_flagged']} flagged by a clique of >= {ex['settings'].get('clique')} generations; "
                 f"duplicated members: {', '.join(ex['duplicated_members']) or 'none'}.", ""]
-        rows = [[r["id"], r["repeats"], r["clique_size"], fmt(r["nearest_distance"]), r["nearest_member"], r["extracted"]]
+        reference = ex["settings"].get("reference", "reconstruction")
+        rows = [[r["id"], r["repeats"], r["clique_size"], fmt(r["distance"]), fmt(r["image_distance"]), r["extracted"]]
                 for r in ex["per_caption"]]
-        out += [md_table(["Member", "Repeats", "Largest clique", "Nearest tiled l2", "Nearest member", "Extracted"], rows), ""]
+        out += [f"Confirmation: a clique image within tiled l2 {ex['settings'].get('delta')} of the caption's training "
+                f"image{' as the VAE reconstructs it' if reference == 'reconstruction' else ''}.", "",
+                md_table(["Member", "Repeats", "Largest clique", f"Tiled l2 to {reference}", "Tiled l2 to image", "Extracted"], rows), ""]
     ca = report.get("canaries")
     if ca:
         eps = ca["empirical_epsilon"]
