@@ -70,6 +70,20 @@ def test_split_is_seeded_disjoint_and_keeps_groups():
     assert not {r.group for r in a.members} & {r.group for r in a.nonmembers}
 
 
+def test_one_per_group_split_has_no_near_duplicates():
+    """The duplicated benchmark's split: one seeded row per group, so the pool's skin-tone families vanish."""
+    records = load_source(data_cfg()).records
+    assert len({r.group for r in records}) < len(records)  # the pool has multi-row groups
+    a = make_split(records, 64, 64, seed=0, one_per_group=True)
+    rows = a.members + a.nonmembers
+    assert len(a.members) == 64 and len({r.group for r in rows}) == len(rows) == 128
+    assert [r.id for r in make_split(records, 64, 64, seed=0, one_per_group=True).members] == [r.id for r in a.members]
+    plain = make_split(records, 64, 64, seed=0)
+    assert len({r.group for r in plain.members}) < 64  # without it, families sit whole in the members
+    with pytest.raises(DataError, match="one row per group"):
+        make_split(records, 300, 100, seed=0, one_per_group=True)
+
+
 def test_too_many_members_is_clear():
     records = load_source(data_cfg()).records
     with pytest.raises(DataError, match=r"exceeds the 480 usable samples"):

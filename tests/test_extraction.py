@@ -11,7 +11,6 @@ from privtune.data.sources import Record, content_hash
 from privtune.errors import ConfigError
 from privtune.eval import extraction
 
-from .conftest import REPO
 
 
 def node(**kw):

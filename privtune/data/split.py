@@ -52,8 +52,12 @@ def check_disjoint(members: list[Record], nonmembers: list[Record]) -> None:
             )
 
 
-def make_split(records: list[Record], members: int, nonmembers: int, seed: int, source: str = "") -> Split:
-    """Draw disjoint member and non-member sets of the requested sizes, whole groups at a time."""
+def make_split(records: list[Record], members: int, nonmembers: int, seed: int, source: str = "",
+               one_per_group: bool = False) -> Split:
+    """Draw disjoint member and non-member sets of the requested sizes, whole groups at a time.
+
+    With `one_per_group`, each drawn group contributes one seeded row and its other rows are left out of
+    both sets, so the split holds no near-duplicates (the controlled duplicated-data benchmark)."""
     if members < 1 or nonmembers < 0:
         raise DataError(f"data.members must be >= 1 and data.nonmembers >= 0 (got {members}, {nonmembers})")
     if members + nonmembers > len(records):
@@ -65,7 +69,10 @@ def make_split(records: list[Record], members: int, nonmembers: int, seed: int, 
     for r in records:
         groups.setdefault(r.group, []).append(r)
     order = sorted(groups)
-    random.Random(seed).shuffle(order)
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    if one_per_group:
+        groups = {g: [sorted(groups[g], key=lambda r: r.id)[rng.randrange(len(groups[g]))]] for g in order}
     chosen_m: list[Record] = []
     chosen_n: list[Record] = []
     for g in order:
@@ -79,7 +86,8 @@ def make_split(records: list[Record], members: int, nonmembers: int, seed: int, 
     if len(chosen_m) < members or len(chosen_n) < nonmembers:
         raise DataError(
             f"cannot draw {members} members and {nonmembers} non-members without splitting a group "
-            f"(got {len(chosen_m)} and {len(chosen_n)}); lower the sizes or set data.group_column=null"
+            f"(got {len(chosen_m)} and {len(chosen_n)}{', one row per group' if one_per_group else ''}); "
+            f"lower the sizes or set data.group_column=null"
         )
     check_disjoint(chosen_m, chosen_n)
     return Split(chosen_m, chosen_n, seed, source)

@@ -200,7 +200,8 @@ class Trainer:
         if self.resumed_split:
             self.split = split_from_manifest(load_manifest(manifest_path), source.records)
         else:
-            self.split = make_split(source.records, cfg.data.members, cfg.data.nonmembers, cfg.seed, source.description)
+            self.split = make_split(source.records, cfg.data.members, cfg.data.nonmembers, cfg.seed, source.description,
+                                    one_per_group=bool(cfg.data.one_per_group))
         if source.skipped and self.is_main:
             print(f"privtune: skipped {len(source.skipped)} bad samples (data.on_bad_sample=skip)")
         self.train_records = self.data_stage.after_split(self.training_records(), self.split)  # + duplicates, canaries
