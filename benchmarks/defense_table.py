@@ -38,8 +38,10 @@ def main(argv: list[str]) -> int:
                 continue
             runs.setdefault(name, []).append(json.loads(report.read_text()) | {"_path": path})
     attacks = sorted({a for reports in runs.values() for r in reports for a in r["attacks"]})
+    extraction = any(r.get("extraction") for reports in runs.values() for r in reports)
     cols = ["method", "seeds", "best-attack AUC (mean ± std)", "per seed: best attack, AUC [95% CI]",
-            *[f"{a} AUC" for a in attacks], *[label for _, label, _ in UTILITY]]
+            *[f"{a} AUC" for a in attacks], *[label for _, label, _ in UTILITY],
+            *(["extracted members (duplicated of those), per seed", "captions flagged"] if extraction else [])]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for name, reports in runs.items():
@@ -49,6 +51,11 @@ def main(argv: list[str]) -> int:
         row = [name, str(len(reports)), mean_std([b["auc"]["value"] for b in best], 3), per_seed]
         row += [mean_std([r["attacks"][a]["metrics"]["auc"]["value"] for r in reports if a in r["attacks"]], 3) for a in attacks]
         row += [mean_std([r["utility"][k] for r in reports if (r.get("utility") or {}).get(k) is not None], d) for k, _, d in UTILITY]
+        if extraction:
+            ex = [r.get("extraction") for r in reports]
+            row += ["; ".join(f"{e['n_extracted']} ({e['extracted_duplicated']} of {len(e['duplicated_members'])}) of {e['n_captions']}"
+                              if e else "n/a" for e in ex),
+                    "; ".join(str(e["n_flagged"]) if e else "n/a" for e in ex)]
         print("| " + " | ".join(row) + " |")
     if missing:
         print(f"\nnot finished (no report.json): {', '.join(missing)}")

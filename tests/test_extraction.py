@@ -112,12 +112,14 @@ def _extracted(run_dir):
 
 @pytest.mark.slow
 def test_duplicated_members_are_extracted_and_dedup_extracts_fewer(tmp_path, base_model):
-    """A small LoRA with 2 of 8 members repeated 50x: exactly those are extracted; with dedup on, fewer."""
+    """The duplicated-data benchmark itself (recipes/duplicated.yaml, seed 0; ~10 min per run): 240 members
+    seen ~18 times each, 4 of them repeated 50x (~900 times). Exactly the duplicated ones are extracted;
+    with dedup on (the copies collapse), fewer. Smaller versions (8 or 96 members, 250-600 steps) were
+    tried and do not separate the two groups reliably on this tiny model; see benchmarks/README.md."""
     from privtune.train import main
 
-    common = [f"model.base={base_model}", "data.members=8", "data.nonmembers=8", "data.duplicate.members=2",
-              "data.duplicate.repeats=50", "train.max_steps=600", "train.batch_size=8", "train.validation_every=0",
-              "train.checkpoint_every=0", "eval.attacks=[loss]", "eval.utility=false", "eval.extraction.captions=8"]
+    common = [f"model.base={base_model}", "train.validation_every=0", "train.checkpoint_every=0",
+              "eval.attacks=[loss]", "eval.utility=false"]
     assert main(["recipe=duplicated", f"output_dir={tmp_path / 'lora'}", *common]) == 0
     assert main(["recipe=duplicated", f"output_dir={tmp_path / 'dedup'}", "dedup.enabled=true", *common]) == 0
     plain, deduped = _extracted(tmp_path / "lora"), _extracted(tmp_path / "dedup")
