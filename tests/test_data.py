@@ -1,6 +1,5 @@
 """Data sources, validation errors, and the member / non-member split."""
 
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from privtune.data import embeddings
@@ -14,7 +13,7 @@ from privtune.data.similarity import tiled_l2, tiled_l2_matrix, tiled_pairs, to_
 from privtune.data.sources import Record, content_hash
 from privtune.errors import ConfigError
 
-from .conftest import prepare_trainer, train_args
+from .conftest import train_args
 
 
 def smooth_image(seed: int, size: int = 64) -> Image.Image:
