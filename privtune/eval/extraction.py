@@ -106,9 +106,10 @@ def run_extraction(pipe, members, node, *, resolution: int, seed: int, duplicate
     reference = str(node.get("reference", "reconstruction"))
     chosen = attacked_members(members, duplicated, int(node.captions))
     images = [r.image for r in chosen]
-    targets = autoencoded(pipe, images, resolution) if reference == "reconstruction" else to_pixels(images, resolution)
+    raw = to_pixels(images, resolution)
+    targets = autoencoded(pipe, images, resolution) if reference == "reconstruction" else raw
     rows, extracted = [], []
-    for rec, target in tqdm(list(zip(chosen, targets)), desc="extraction", disable=not progress, dynamic_ncols=True):
+    for rec, target, own in tqdm(list(zip(chosen, targets, raw)), desc="extraction", disable=not progress, dynamic_ncols=True):
         gen = recognition.generate(pipe, [rec.caption] * int(node.generations), steps=int(node.inference_steps),
                                    guidance=float(node.guidance_scale), seed=sample_seed(seed, rec.id, "extraction") % (2 ** 31),
                                    batch_size=int(node.generations))
@@ -120,15 +121,14 @@ def run_extraction(pipe, members, node, *, resolution: int, seed: int, duplicate
         hit = flagged and float(dist[best]) <= delta
         row = {"id": rec.id, "caption": rec.caption, "repeats": duplicated.get(rec.id, 1), "clique_size": len(clique),
                "flagged": flagged, "distance": round(float(dist[best]), 5),
-               "image_distance": round(float(tiled_l2_matrix(x[clique], to_pixels([rec.image], resolution), tiles).min()), 5),
+               "image_distance": round(float(tiled_l2_matrix(x[clique], own[None], tiles).min()), 5),
                "extracted": hit}
         rows.append(row)
         if hit:
             extracted.append(rec.id)
             if out_dir is not None:
                 name = re.sub(r"[^A-Za-z0-9_.-]+", "_", rec.id)
-                save_pair(gen[clique[best]], np.round(to_pixels([rec.image], resolution)[0] * 255).astype(np.uint8),
-                          Path(out_dir) / PAIRS_DIR / f"{name}.png")
+                save_pair(gen[clique[best]], np.round(own * 255).astype(np.uint8), Path(out_dir) / PAIRS_DIR / f"{name}.png")
     dup_ids = sorted(i for i, r in duplicated.items() if r > 1)
     return {
         "method": "Carlini et al. 2023 generate-and-filter (tiled l2 clique + match with the caption's training image)",
