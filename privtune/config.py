@@ -1,6 +1,6 @@
 """Recipes and command-line overrides, resolved into one strict OmegaConf config.
 
-A recipe is `recipes/<name>.yaml` or a path to the user's own YAML. A recipe may name a parent with
+A recipe is `privtune/recipes/<name>.yaml` (shipped inside the package) or a path to the user's own YAML. A recipe may name a parent with
 `inherits: <recipe>`; its keys are merged over the parent's. The merged config is struct-locked:
 a recipe or override key the parent chain does not define is an error that lists the valid keys,
 so a typo never silently trains with a default.
@@ -16,7 +16,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import ConfigError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 _META_KEYS = ("inherits",)
 
 

@@ -14,7 +14,7 @@ Fine-tune a Stable Diffusion LoRA with a privacy defense, export it, and attack 
 
 recipes: {recipes}
 
-main keys (see recipes/lora.yaml for every key and its default):
+main keys (see privtune/recipes/lora.yaml for every key and its default):
   trainer=lora                 which trainer (defense) runs
   output_dir=runs/<recipe>     the run folder; resume=latest continues it
   model.base=embedded          embedded tiny SD | local diffusers folder | hub id (e.g. runwayml/stable-diffusion-v1-5)

@@ -112,7 +112,7 @@ def _extracted(run_dir):
 
 @pytest.mark.slow
 def test_duplicated_members_are_extracted_and_dedup_extracts_fewer(tmp_path, base_model):
-    """The duplicated-data benchmark itself (recipes/duplicated.yaml, seed 0; ~10 min per run): 240 members
+    """The duplicated-data benchmark itself (privtune/recipes/duplicated.yaml, seed 0; ~10 min per run): 240 members
     seen ~18 times each, 4 of them repeated 50x (~900 times). Exactly the duplicated ones are extracted;
     with dedup on (the copies collapse), fewer. Smaller versions (8 or 96 members, 250-600 steps) were
     tried and do not separate the two groups reliably on this tiny model; see benchmarks/README.md."""
