@@ -2,28 +2,37 @@
 `python -m privtune.evaluate model=<base> lora=<folder> members=<split.json|folder> [nonmembers=<folder>] out=<dir>`.
 
 Re-runs the evaluation stage on a finished run (same seed, same scores as the automatic stage), or
-attacks a LoRA trained elsewhere given its member and non-member data.
+attacks a LoRA trained elsewhere given its member and non-member data. A run's privacy record
+(`privacy.json`) goes into the new report and card, so re-evaluating a DP run keeps its guarantee;
+the card's "Reproduce" command stays the training command; an existing report is only replaced
+with `overwrite=true`. A run written by an older privtune is read over its recipe's current
+defaults, so keys added since then take their defaults.
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import load_config, merge_strict
+from .config import flat, load_config, merge_strict, to_container
 from .errors import ConfigError, DataError, PrivtuneError
 
 HELP = """usage: python -m privtune.evaluate run=<run dir> [eval.attacks=[loss,secmi,pia] eval.KEY=VALUE ...]
        python -m privtune.evaluate model=<base> lora=<lora folder> members=<split.json | image folder>
                                    [nonmembers=<image folder>] out=<report folder> [data.source=...] [KEY=VALUE ...]
+       add overwrite=true to replace an existing report.json in the output folder
 
 Attacks a fine-tuned LoRA with membership-inference attacks and writes report.json, report.md, plots
 and (for a run folder) the LoRA's privacy card. Under `accelerate launch` the attack work is sharded.
 """
 
-OWN_KEYS = ("run", "model", "lora", "members", "nonmembers", "out")
+OWN_KEYS = ("run", "model", "lora", "members", "nonmembers", "out", "overwrite")
+PRIVACY_FILE = "privacy.json"
+REPORT_FILE = "report.json"
 
 
 def _parse(argv):
@@ -41,7 +50,7 @@ def _config(own, rest):
         run = Path(own["run"])
         if not (run / "config.yaml").is_file():
             raise ConfigError(f"run={run} is not a privtune run folder (no config.yaml); pass a folder written by privtune.train")
-        base = OmegaConf.load(run / "config.yaml")
+        base = with_current_defaults(OmegaConf.load(run / "config.yaml"))
         cfg = merge_strict(base, OmegaConf.from_dotlist(rest), source="the command line")
         lora_dir = Path(own.get("lora", run / "lora"))
         out = Path(own.get("out", run))
@@ -54,12 +63,82 @@ def _config(own, rest):
     return cfg, Path(own["lora"]), Path(own["out"]), None
 
 
+def with_current_defaults(saved):
+    """A saved run config over its recipe's current defaults (keys added since the run take their
+    defaults); the saved config alone when the recipe cannot be found any more."""
+    try:
+        defaults = to_container(load_config(str(saved.recipe)))
+    except (PrivtuneError, AttributeError, KeyError):
+        return saved
+    return OmegaConf.merge(OmegaConf.create(defaults), saved)
+
+
+def training_command(cfg, run: Path) -> str:
+    """The command that trained the run: the one its earlier report recorded, else rebuilt from the
+    resolved config as recipe + every key that differs from the recipe's defaults."""
+    previous = run / REPORT_FILE
+    if previous.is_file():
+        try:
+            command = json.loads(previous.read_text()).get("command")
+        except (OSError, ValueError):
+            command = None
+        if command and "privtune.train" in command:
+            return command
+    recipe = str(cfg.recipe)
+    try:
+        defaults = flat(load_config(recipe))
+    except PrivtuneError:
+        defaults = {}
+    skip = {"recipe", "resume", "overwrite"}
+    args = [f"{k}={_value(v)}" for k, v in flat(cfg).items() if k not in skip and (k not in defaults or defaults[k] != v)]
+    return " ".join(shlex.quote(a) for a in ["python", "-m", "privtune.train", f"recipe={recipe}", *args])
+
+
+def _value(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return str(v)
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing report unless asked (before anything is loaded or written)."""
+    if (out / REPORT_FILE).is_file() and not overwrite:
+        raise ConfigError(f"{out / REPORT_FILE} already exists; pass overwrite=true to replace it, or out=<new folder> "
+                          "to write the new report elsewhere")
+
+
+def read_privacy(run: Path | None) -> dict | None:
+    """The run's privacy record (privacy.json, written by the DP trainer), or None."""
+    if run is None or not (run / PRIVACY_FILE).is_file():
+        return None
+    try:
+        return json.loads((run / PRIVACY_FILE).read_text())
+    except ValueError as exc:
+        raise DataError(f"{run / PRIVACY_FILE} is not valid JSON ({exc}); restore it from the run's backup, since the "
+                        "card would otherwise lose the run's differential-privacy guarantee") from exc
+
+
+def _flag(value: str | None) -> bool:
+    if value is None:
+        return False
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"overwrite={value!r}: write overwrite=true or overwrite=false")
+
+
 def _split(cfg, own, run):
     from .data.sources import load_source
     from .data.split import Split, check_disjoint, load_manifest, split_from_manifest
 
     if run is not None:
-        return split_from_manifest(load_manifest(run), load_source(cfg.data).records)
+        manifest = load_manifest(run)
+        split = split_from_manifest(manifest, load_source(cfg.data).records)
+        split.training_fingerprint = manifest.get("training_fingerprint")
+        return split
     members = Path(own["members"])
     if members.suffix == ".json" or (members / "split.json").is_file():
         return split_from_manifest(load_manifest(members), load_source(cfg.data).records)
@@ -79,19 +158,25 @@ def _split(cfg, own, run):
 
 
 def evaluate(argv) -> dict:
-    from .eval.stage import check_attacks, evaluate_model
+    from .eval.stage import check_attacks, command_line, evaluate_model, record_command
     from .logging_utils import quiet_libraries
     from .models.loading import freeze, load_components
     from .models.lora import load_lora
+    from .trainers.dualmd import dualmd_release_plan, dualmd_steps, is_dualmd_export, load_dualmd_adapters
 
     quiet_libraries()
-    from .eval.stage import record_command
-
     record_command("privtune.evaluate", argv)
     own, rest = _parse(argv)
     cfg, lora_dir, out, run = _config(own, rest)
+    check_output(out, _flag(own.get("overwrite")))
     check_attacks(cfg.eval.attacks)
+    privacy = read_privacy(run)
     split = _split(cfg, own, run)
+    if cfg.eval.baseline:
+        from .eval.stage import check_baseline
+
+        check_baseline(cfg.eval.baseline, split.training_fingerprint)
+    command = training_command(cfg, run) if run is not None else command_line()
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not __import__("torch").cuda.is_available())
@@ -99,22 +184,19 @@ def evaluate(argv) -> dict:
     freeze(components.vae, components.text_encoder, components.unet)
     for m in (components.vae, components.text_encoder, components.unet):
         m.to(accelerator.device)
-    from contextlib import nullcontext
-
-    from .trainers.dualmd import dualmd_alternation, is_dualmd_export
-
-    alternation = nullcontext()
+    plan = {}
     if is_dualmd_export(lora_dir):
-        alternation = dualmd_alternation(components, lora_dir, cfg)
+        load_dualmd_adapters(components, lora_dir)
+        plan = dualmd_release_plan(components.unet, components.noise_scheduler.config, dualmd_steps(cfg))
     else:
         load_lora(components, lora_dir)
     components.unet.to(accelerator.device)
     out.mkdir(parents=True, exist_ok=True)
     # The LoRA's card describes the run's own report: only re-write it when the report goes back there.
     card_dir = lora_dir if run is not None and out.resolve() == run.resolve() else None
-    with alternation:
-        report = evaluate_model(cfg=cfg, components=components, unet=components.unet, split=split, run_dir=out,
-                                accelerator=accelerator, lora_dir=card_dir)
+    report = evaluate_model(cfg=cfg, components=components, unet=components.unet, split=split, run_dir=out,
+                            accelerator=accelerator, lora_dir=card_dir, privacy=privacy, command=command,
+                            evaluation_command=command_line(), **plan)
     return report
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .io import atomic_path
+from .io import apply_umask, atomic_path
 
 LORA_DIR = "lora"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -21,9 +21,11 @@ KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
 
 def _install(tmp_dir: Path, final_dir: Path) -> None:
-    """Move every file of `tmp_dir` into `final_dir`, one atomic rename each."""
+    """Move every file of `tmp_dir` into `final_dir`, one atomic rename each, with the umask's mode
+    (safetensors writes owner-only files)."""
     final_dir.mkdir(parents=True, exist_ok=True)
     for f in tmp_dir.iterdir():
+        apply_umask(f)
         os.replace(f, final_dir / f.name)
 
 

@@ -123,7 +123,8 @@ def test_no_noise_no_clipping_is_plain_lora(tmp_path, base_model, batch):
     lora_run, dp_run = tmp_path / "lora", tmp_path / "dp"
     assert main(train_args(lora_run, f"model.base={base_model}", "train.max_grad_norm=0", *batch, steps=3)) == 0
     assert main(dp_args(dp_run, f"model.base={base_model}", "dp.target_epsilon=null", "dp.noise_multiplier=0",
-                        "dp.max_grad_norm=.inf", "dp.noise_multiplicity=1", "dp.poisson=false", *batch, steps=3)) == 0
+                        "dp.max_grad_norm=.inf", "dp.noise_multiplicity=1", "dp.poisson=false", "dp.sampling_seed=0",
+                        *batch, steps=3)) == 0  # the shuffled batches of plain LoRA's seed=0
     a, b = lora_weights(lora_run), lora_weights(dp_run)
     assert a.keys() == b.keys()
     for key in a:
@@ -216,6 +217,8 @@ def test_silent_failures_are_errors(tmp_path, base_model):
     (["dp.target_epsilon=null"], "set dp.target_epsilon"),
     (["dp.max_grad_norm=.inf"], "unbounded sensitivity"),
     (["dp.noise_multiplicity=0"], "noise_multiplicity must be >= 1"),
+    (["dp.sampling_seed=-1"], "dp.sampling_seed must be null"),
+    (["dp.noise_seed=0.5"], "dp.noise_seed must be null"),
     (["train.max_grad_norm=1.0"], "train.max_grad_norm=0"),
     (["train.batch_size=16"], "exceeds the 8 training examples"),
 ])
@@ -229,7 +232,7 @@ def test_bad_budgets_fail_before_training(tmp_path, base_model, capsys, args, me
 def test_resume_equals_uninterrupted(tmp_path, base_model):
     full, part = tmp_path / "full", tmp_path / "part"
     common = (f"model.base={base_model}", "dp.target_epsilon=null", "dp.noise_multiplier=0.8", "dp.noise_multiplicity=2",
-              "dp.noise_seed=7", "lora.dropout=0.1")
+              "dp.noise_seed=7", "dp.sampling_seed=11", "lora.dropout=0.1")
     a = make_trainer(full, *common, steps=4)
     a.run()
     make_trainer(part, *common, steps=2).run()
@@ -244,6 +247,130 @@ def test_resume_equals_uninterrupted(tmp_path, base_model):
     assert math.isfinite(a.privacy_summary()["epsilon"])
 
 
+def dp_secrets(run_dir):
+    """The DP state accelerate checkpointed (custom_checkpoint_<i>.pkl) in the run's latest checkpoint."""
+    latest = max((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    states = [torch.load(f, weights_only=False) for f in sorted(latest.glob("custom_checkpoint_*.pkl"))]
+    found = [s for s in states if isinstance(s, dict) and "sampling_seed" in s]
+    assert len(found) == 1, [list(s) for s in states]
+    return int(found[0]["sampling_seed"]), int(found[0]["noise_seed"])
+
+
+def logical_batches(trainer, steps=5):
+    return [tuple(a.tolist() for a in trainer.schedule.logical(s)) for s in range(steps)]
+
+
+def test_sampling_seed_is_secret_per_run_unless_fixed(tmp_path, base_model):
+    """The same run seed draws different Poisson batches (and flips) in two runs; dp.sampling_seed fixes them, with caveats."""
+    from privtune.trainers.dpsgd import DPSchedule
+
+    common = (f"model.base={base_model}", "seed=3", "data.random_flip=true")
+    a, b = (prepared(tmp_path / name, *common) for name in ("a", "b"))
+    assert logical_batches(a) != logical_batches(b)
+    assert a.dp_state.sampling_seed != b.dp_state.sampling_seed and a.dp_state.noise_seed != b.dp_state.noise_seed
+    assert a.schedule.seed == a.dp_state.sampling_seed
+    shuffled = [DPSchedule(8, 4, 4, seed=t.dp_state.sampling_seed, poisson=False, random_flip=True) for t in (a, b)]
+    assert [shuffled[0].logical(s)[0].tolist() for s in range(5)] != [shuffled[1].logical(s)[0].tolist() for s in range(5)]
+    summary = a.privacy_summary()
+    assert summary["secret_sampling"] is True and summary["secret_noise"] is True and summary["caveats"] == []
+
+    c, d = (prepared(tmp_path / name, *common, "dp.sampling_seed=123") for name in ("c", "d"))
+    assert logical_batches(c) == logical_batches(d)
+    assert c.dp_state.sampling_seed == 123 and c.dp_state.noise_seed != d.dp_state.noise_seed
+    summary = c.privacy_summary()
+    assert summary["secret_sampling"] is False and summary["secret_noise"] is True
+    assert len(summary["caveats"]) == 1 and "dp.sampling_seed" in summary["caveats"][0]
+    assert "123" not in " ".join(summary["caveats"])
+
+    e = prepared(tmp_path / "e", *common, "dp.noise_seed=5")
+    summary = e.privacy_summary()
+    assert summary["secret_sampling"] is True and summary["secret_noise"] is False
+    assert len(summary["caveats"]) == 1 and "dp.noise_seed" in summary["caveats"][0]
+    assert "removes the noise" in summary["caveats"][0]
+
+
+def test_checkpoint_without_sampling_seed_falls_back_to_run_seed(tmp_path, base_model):
+    """An older checkpoint (no sampling seed) resumes exactly on the public run seed it used, flagged as not secret."""
+    from privtune.trainers.dpsgd import DPSchedule, DPSGDError
+
+    trainer = prepared(tmp_path / "run", f"model.base={base_model}", "seed=4")
+    old = {k: v for k, v in trainer.dp_state.state_dict().items() if k in ("history", "noise_seed")}
+    with pytest.warns(UserWarning, match="predates secret sampling seeds"):
+        trainer.dp_state.load_state_dict(old)
+    assert trainer.schedule.seed == trainer.dp_state.sampling_seed == 4
+    legacy = DPSchedule(len(trainer.train_records), trainer.expected_batch, 4, seed=4, poisson=True, random_flip=False)
+    assert logical_batches(trainer) == [tuple(a.tolist() for a in legacy.logical(s)) for s in range(5)]
+    summary = trainer.privacy_summary()
+    assert summary["secret_sampling"] is False and summary["secret_noise"] is True
+    assert len(summary["caveats"]) == 1 and "before sampling seeds were kept secret" in summary["caveats"][0]
+    with pytest.raises(DPSGDError, match="no noise seed"):
+        trainer.dp_state.load_state_dict({"history": old["history"]})
+
+
+def test_dp_secrets_only_in_checkpoints(tmp_path, base_model, capfd):
+    """After a real run (eval, card, tensorboard), no file outside checkpoints/ and no log line holds either DP seed."""
+    run = tmp_path / "run"
+    assert main(dp_args(run, f"model.base={base_model}", "dp.target_epsilon=null", "dp.noise_multiplier=1",
+                        "dp.noise_multiplicity=1", "tracking=tensorboard", "eval.enabled=true", "eval.attacks=[loss]",
+                        "eval.utility=false", "eval.bootstrap=20", "eval.attack_params={loss: {timesteps: [100], draws: 1}}",
+                        steps=2)) == 0
+    out, err = capfd.readouterr()
+    sampling, noise = dp_secrets(run)
+    assert sampling != noise
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert privacy["secret_sampling"] is True and privacy["secret_noise"] is True and privacy["caveats"] == []
+    files = [p for p in run.rglob("*") if p.is_file() and "checkpoints" not in p.relative_to(run).parts]
+    names = {p.relative_to(run).as_posix() for p in files}
+    assert {"config.yaml", "report.json", "privacy.json", "lora/README.md", f"lora/{LORA_FILE}"} <= names, names
+    assert any(n.startswith("logs/") for n in names), names
+    for seed in (sampling, noise):
+        needles = [str(seed).encode(), f"{seed:x}".encode(), f"{seed:X}".encode(), seed.to_bytes(8, "little"),
+                   seed.to_bytes(8, "big")]
+        for path in files:
+            data = path.read_bytes()
+            for needle in needles:
+                assert needle not in data, f"{path.relative_to(run)} holds a DP seed ({needle!r})"
+        for needle in needles[:3]:
+            assert needle.decode() not in out + err
+
+
+def test_resume_restores_secret_sampling_seed(tmp_path, base_model, monkeypatch):
+    """A resumed run with secret seeds draws, after resuming, the batches the interrupted run would have drawn, and
+    ends bit-exactly where an uninterrupted run with the same (checkpointed) seeds ends."""
+    from privtune.trainers.dpsgd import DPSGDTrainer
+
+    seen = []
+    step = DPSGDTrainer.optimizer_step
+
+    def record(self, micro_step):
+        seen.append((self.state.step, tuple(a.tolist() for a in self.schedule.logical(self.state.step))))
+        return step(self, micro_step)
+
+    monkeypatch.setattr(DPSGDTrainer, "optimizer_step", record)
+    common = (f"model.base={base_model}", "dp.target_epsilon=null", "dp.noise_multiplier=0.8", "dp.noise_multiplicity=2",
+              "data.random_flip=true", "lora.dropout=0.1")
+    part = tmp_path / "part"
+    first = make_trainer(part, *common, steps=2)
+    first.run()
+    sampling, noise = dp_secrets(part)
+    assert (sampling, noise) == (first.dp_state.sampling_seed, first.dp_state.noise_seed)
+    would = [tuple(a.tolist() for a in first.schedule.logical(s)) for s in (2, 3)]
+    seen.clear()
+    resumed = make_trainer(part, *common, "resume=latest", steps=4)
+    resumed.run()
+    assert (resumed.dp_state.sampling_seed, resumed.dp_state.noise_seed) == (sampling, noise)
+    assert seen == [(2, would[0]), (3, would[1])]
+    assert resumed.privacy_summary()["secret_sampling"] is True and resumed.privacy_summary()["caveats"] == []
+
+    full = tmp_path / "full"
+    make_trainer(full, *common, f"dp.sampling_seed={sampling}", f"dp.noise_seed={noise}", steps=4).run()
+    assert [s for s, _ in seen[2:]] == [0, 1, 2, 3] and [b for _, b in seen[4:]] == would
+    wa, wb = lora_weights(full), lora_weights(part)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path, base_model):
     """Two `accelerate launch --cpu` processes train the same model, with the same epsilon, as one process
@@ -251,7 +378,7 @@ def test_two_processes_equal_one(tmp_path, base_model):
     from .conftest import launch_two_processes
 
     common = (f"model.base={base_model}", "dp.target_epsilon=null", "dp.noise_multiplier=0.8", "dp.noise_multiplicity=2",
-              "dp.noise_seed=7", "train.batch_size=2")
+              "dp.noise_seed=7", "dp.sampling_seed=7", "train.batch_size=2")
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(dp_args(one, *common, "train.gradient_accumulation_steps=2", steps=3)) == 0
     out = launch_two_processes("privtune.train", dp_args(two, *common, steps=3))

@@ -220,28 +220,36 @@ def test_run_exports_both_adapters_and_plain_diffusers_helper_matches(tmp_path, 
     torch.testing.assert_close(vanilla, ours, rtol=0, atol=2e-4)
 
 
-def test_evaluation_attacks_the_alternating_predictor(tmp_path, base_model, monkeypatch):
+def test_evaluation_attacks_every_release(tmp_path, base_model, monkeypatch):
+    """The stage gets the released files (adapter_a, adapter_b), their best-of combination, and the deployed
+    alternating sampler, whose context switches adapters by the DDIM step of each call's timestep."""
     import privtune.eval.stage as stage
     from privtune.models.alternation import ddim_timesteps
     from privtune.models.lora import active_adapter
 
     seen = {}
 
-    def fake_evaluate(*, cfg, components, unet, **kwargs):
+    def fake_evaluate(*, cfg, components, unet, releases, combinations, threat_model, **kwargs):
         sched = ddim_timesteps(components.noise_scheduler.config, int(cfg.dualmd.inference_steps))
         x = torch.zeros(1, 4, 4, 4)
         cond = torch.zeros(1, components.tokenizer.model_max_length, unet.config.cross_attention_dim)
-        order = []
-        for t in (sched[0], sched[1], sched[2], torch.tensor(0)):
-            unet(x, t.view(1), encoder_hidden_states=cond)
-            order.append(active_adapter(unet))
-        seen["order"] = order
+        for release in releases:
+            order = []
+            with release.context():
+                for t in (sched[0], sched[1], sched[2], torch.tensor(0)):
+                    unet(x, t.view(1), encoder_hidden_states=cond)
+                    order.append(active_adapter(unet))
+            seen[release.name] = (order, release.deployed)
+        seen["combinations"], seen["threat"] = combinations, threat_model
         return {}
 
     monkeypatch.setattr(stage, "evaluate_model", fake_evaluate)
     run = tmp_path / "run"
     assert main(dual_args(run, f"model.base={base_model}", "eval.enabled=true", "eval.utility_inference_steps=4", steps=1)) == 0
-    assert seen["order"] == ["A", "B", "A", "B"]  # t=0 belongs to the last (4th, odd) step
+    assert seen["alternating"] == (["A", "B", "A", "B"], True)  # t=0 belongs to the last (4th, odd) step
+    assert seen["adapter_a"] == (["A"] * 4, False) and seen["adapter_b"] == (["B"] * 4, False)
+    assert seen["combinations"] == [("adapter_a", "adapter_b")]
+    assert "adapter_a, adapter_b" in seen["threat"]
 
 
 def test_resume_equals_uninterrupted(tmp_path, base_model):
@@ -282,7 +290,11 @@ def test_standalone_evaluate_of_a_dualmd_run_matches_the_automatic_stage(tmp_pat
     assert evaluate_main([f"run={run}", f"out={tmp_path / 'again'}"]) == 0
     first = json.loads((run / "report.json").read_text())
     again = json.loads((tmp_path / "again" / "report.json").read_text())
-    for name in ("loss", "pia"):
+    names = {f"{a}@{r}" for a in ("loss", "pia") for r in ("alternating", "adapter_a", "adapter_b", "best(adapter_a,adapter_b)")}
+    assert set(first["attacks"]) == names
+    best = max(v["metrics"]["auc"]["value"] for v in first["attacks"].values())
+    assert first["summary"]["best_attack"]["auc"]["value"] == best
+    for name in names:
         assert first["attacks"][name]["samples"]["scores"] == pytest.approx(again["attacks"][name]["samples"]["scores"], rel=1e-5)
 
 

@@ -110,3 +110,54 @@ def test_two_processes_give_the_same_scores(evaluated_run, tmp_path):
     for name in one["attacks"]:
         a, b = one["attacks"][name]["samples"]["scores"], two["attacks"][name]["samples"]["scores"]
         assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-3 * max(1.0, max(abs(x) for x in a))
+
+
+def test_reevaluation_refuses_to_overwrite_and_keeps_the_training_command(evaluated_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(evaluated_run, run)
+    before = (run / "report.json").read_bytes()
+    assert evaluate_main([f"run={run}"]) == 2
+    assert "overwrite=true" in capsys.readouterr().err
+    assert (run / "report.json").read_bytes() == before
+    trained_by = json.loads(before)["command"]
+    config = (run / "config.yaml").read_text()  # a run written before a key existed takes its current default
+    (run / "config.yaml").write_text("\n".join(line for line in config.splitlines() if "auxiliary_members" not in line) + "\n")
+    assert evaluate_main([f"run={run}", "overwrite=true", "eval.attacks=[loss]", "eval.utility=false", "eval.bootstrap=20"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["command"] == trained_by and "privtune.train" in trained_by
+    assert "privtune.evaluate" in report["evaluation_command"]
+    assert "privtune.train" in (run / "lora" / "README.md").read_text().split("### Reproduce")[1]
+
+
+def test_training_command_is_rebuilt_from_the_config_when_no_report_exists(tmp_path, base_model):
+    from omegaconf import OmegaConf
+
+    from privtune.evaluate import training_command
+
+    run = tmp_path / "run"
+    assert train_main(train_args(run, f"model.base={base_model}", "optim.lr=0.002", steps=1)) == 0
+    command = training_command(OmegaConf.load(run / "config.yaml"), run)
+    assert command.startswith("python -m privtune.train recipe=lora ")
+    assert "optim.lr=0.002" in command and "train.max_steps=1" in command and "optim.betas" not in command
+
+
+def test_reevaluating_a_dp_run_keeps_its_guarantee(tmp_path, base_model):
+    run = tmp_path / "dp"
+    fast = ("eval.enabled=true", "eval.attacks=[loss]", "eval.bootstrap=20", "eval.utility=false",
+            "eval.attack_params={loss: {timesteps: [100], draws: 1}}")
+    args = ["recipe=dpsgd", *train_args(run, f"model.base={base_model}", *fast, steps=2)[1:]]
+    assert train_main(args) == 0
+    eps = json.loads((run / "privacy.json").read_text())["epsilon"]
+    card = (run / "lora" / "README.md").read_text()
+    assert "differential privacy" in card and "No formal guarantee" not in card
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    assert evaluate_main([f"run={run}", "overwrite=true"]) == 0
+    card = (run / "lora" / "README.md").read_text()
+    assert "No formal guarantee" not in card and f"ε = {eps:.4g}" in card
+    assert json.loads((run / "report.json").read_text())["privacy"]["epsilon"] == pytest.approx(eps)

@@ -17,7 +17,7 @@ from .conftest import prepare_trainer, train_args
 
 torch.set_num_threads(1)
 
-SMALL = ("mp.attacker_members=4", "mp.attacker_nonmembers=4")
+SMALL = ("data.auxiliary_members=4", "mp.attacker_nonmembers=4")
 
 
 def mp_args(recipe, run_dir, *extra, steps=3):
@@ -173,7 +173,7 @@ def test_attacker_learns_a_separable_toy(tmp_path, base_model):
 def test_attacker_split_is_disjoint_from_the_evaluation_split(tmp_path, base_model):
     from privtune.defenses.attacker_split import ATTACKER_MANIFEST
 
-    trainer = make_trainer("smp_lora", tmp_path / "run", f"model.base={base_model}", "mp.attacker_members=6",
+    trainer = make_trainer("smp_lora", tmp_path / "run", f"model.base={base_model}", "data.auxiliary_members=6",
                            "mp.attacker_nonmembers=5")
     prepare_trainer(trainer)
     trainer.write_run_files()
@@ -253,9 +253,9 @@ def test_resume_restores_attacker_and_both_optimizers(tmp_path, base_model):
     ("mp_lora", ["mp.lambda=-0.1"], "mp.lambda must be a finite number >= 0"),
     ("smp_lora", ["mp.beta=-1", "mp.delta=0.5"], "mp.beta + mp.delta must be > 0"),
     ("smp_lora", ["mp.beta=0", "mp.delta=0"], "mp.beta + mp.delta must be > 0"),
-    ("smp_lora", ["mp.attacker_members=0"], "split would be empty"),
+    ("smp_lora", ["data.auxiliary_members=0"], "split would be empty"),
     ("mp_lora", ["mp.attacker_nonmembers=0"], "split would be empty"),
-    ("smp_lora", ["mp.attacker_members=1000"], "cannot draw the proxy attacker's split"),
+    ("smp_lora", ["data.auxiliary_members=1000"], "cannot draw the proxy attacker's split"),
     ("smp_lora", ["mp.attacker_steps=0"], "mp.attacker_steps must be >= 1"),
     ("smp_lora", ["mp.attacker_dropout=1"], "mp.attacker_dropout must be in [0, 1)"),
     ("smp_lora", ["mp.lamda=1"], "unknown key 'mp.lamda'"),

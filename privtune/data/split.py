@@ -6,6 +6,7 @@ distribution. Rows sharing a group (near-duplicates such as skin-tone variants) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ class Split:
     seed: int
     source: str
     training_rows: dict | None = None  # extra training rows beyond one per member (data.duplicate, canaries), for the manifest
+    auxiliary: list[Record] | None = None  # data.auxiliary_members: trained on, never attacked
+    training_fingerprint: dict | None = None  # `fingerprint` of every row the model trains on (baseline checks)
 
     def manifest(self) -> dict:
         def rows(records):
@@ -37,7 +40,16 @@ class Split:
             "members": rows(self.members),
             "nonmembers": rows(self.nonmembers),
             **({"training_rows": self.training_rows} if self.training_rows else {}),
+            **({"auxiliary_members": rows(self.auxiliary)} if self.auxiliary else {}),
+            **({"training_fingerprint": self.training_fingerprint} if self.training_fingerprint else {}),
         }
+
+
+def fingerprint(records: list[Record]) -> dict:
+    """{"rows", "sha256"} of a training set: a digest of every row's image hash and caption (as a
+    multiset: order-free, repeats count), so two runs trained on the same rows compare equal."""
+    rows = sorted(f"{r.sha256}:{hashlib.sha256(r.caption.encode('utf-8')).hexdigest()}" for r in records)
+    return {"rows": len(rows), "sha256": hashlib.sha256("\n".join(rows).encode("ascii")).hexdigest()}
 
 
 def check_disjoint(members: list[Record], nonmembers: list[Record]) -> None:

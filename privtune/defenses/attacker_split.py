@@ -1,10 +1,14 @@
-"""The proxy attacker's labelled split (D_aux in Luo et al., AAAI 2025; spec: defenses.md section 1).
+"""Auxiliary training members and the proxy attacker's labelled split (D_aux in Luo et al., AAAI
+2025; spec: defenses.md section 1).
 
-D_aux^m are extra training members and D_aux^nm local non-members, both drawn from the rows of the
-source that the evaluation split does not use (whole groups at a time), so no evaluation sample, nor a
-near-duplicate of one, ever reaches the proxy attacker. The LoRA trains on the evaluation members plus
-D_aux^m (as in the paper, D_tr = D_te^m + D_aux^m); the evaluation attacks still score only the
-evaluation split. The split is written to `attacker_split.json` in the run folder.
+`data.auxiliary_members` extra training rows are drawn from the rows of the source that the
+evaluation split does not use (whole groups at a time): trained on, never attacked. MP-/SMP-LoRA's
+D_aux^m are exactly these rows and D_aux^nm local non-members from the same unused rows, so no
+evaluation sample, nor a near-duplicate of one, ever reaches the proxy attacker (as in the paper,
+D_tr = D_te^m + D_aux^m, and attacks report on D_te only). Because the auxiliary draw does not depend
+on the defense, `recipe=lora data.auxiliary_members=N` trains on exactly the rows of an MP/SMP run
+with the same seed and data: the like-for-like baseline. The attacker split is written to
+`attacker_split.json` in the run folder.
 """
 
 from __future__ import annotations
@@ -38,6 +42,20 @@ def check_attacker_disjoint(split: Split, attacker: Split) -> None:
     check_disjoint(attacker.members, attacker.nonmembers)
 
 
+def draw_auxiliary_members(records: list[Record], split: Split, members: int, seed: int) -> list[Record]:
+    """`members` extra training rows from the rows the evaluation split leaves unused (seeded, whole groups);
+    the same rows as the members of `make_attacker_split` with that count and seed."""
+    if members < 1:
+        return []
+    pool = unused_records(records, split)
+    try:
+        return make_split(pool, members, 0, seed + SEED_OFFSET, split.source).members
+    except DataError as exc:
+        raise DataError(f"cannot draw data.auxiliary_members={members} extra training rows from the {len(pool)} rows outside "
+                        f"the evaluation split: {exc}. Lower data.auxiliary_members, data.members or data.nonmembers, "
+                        "or use a larger data set") from exc
+
+
 def make_attacker_split(records: list[Record], split: Split, members: int, nonmembers: int, seed: int) -> Split:
     """Draw D_aux^m and D_aux^nm from the rows the evaluation split leaves unused."""
     pool = unused_records(records, split)
@@ -46,7 +64,7 @@ def make_attacker_split(records: list[Record], split: Split, members: int, nonme
     except DataError as exc:
         raise DataError(
             f"cannot draw the proxy attacker's split ({members} members + {nonmembers} non-members) from the "
-            f"{len(pool)} rows outside the evaluation split: {exc}. Lower mp.attacker_members / "
+            f"{len(pool)} rows outside the evaluation split: {exc}. Lower data.auxiliary_members / "
             f"mp.attacker_nonmembers or data.members / data.nonmembers, or use a larger data set"
         ) from exc
     check_attacker_disjoint(split, aux)

@@ -33,7 +33,7 @@ PATH_SUFFIXES = (
     ".gif", ".bmp", ".safetensors", ".bin", ".pt", ".pth", ".ckpt",
 )
 TRAIN_KEYS = (("train", "max_steps"), ("train", "batch_size"), ("train", "gradient_accumulation_steps"),
-              ("optim", "lr"), ("data", "resolution"), ("seed",))
+              ("optim", "lr"), ("data", "resolution"))  # no seed: with public data it names the members
 
 
 class CardLeakError(PrivtuneError):
@@ -127,7 +127,8 @@ def _report_forbidden(report: Mapping[str, Any], lora_dir: Path) -> list[str]:
     if len(lora_dir.parts) > 1:
         out.append(str(lora_dir))
     for a in (report.get("attacks") or {}).values():
-        out += [str(i) for i in (a.get("samples") or {}).get("ids") or []]
+        for part in ("samples", "calibration_samples"):
+            out += [str(i) for i in (a.get(part) or {}).get("ids") or []]
     cfg = report.get("config") or {}
     candidates = [cfg.get("output_dir"), cfg.get("resume"), _get(cfg, ("model", "base")), _get(cfg, ("data", "source"))]
     out += [c for c in candidates if looks_like_path(c)]
@@ -183,6 +184,8 @@ def _guarantee(privacy: Mapping[str, Any] | None) -> str:
     line = f"**(ε = {fmt_num(privacy['epsilon'])}, δ = {fmt_num(privacy.get('delta'))})-differential privacy**"
     if privacy.get("accountant"):
         line += f", {privacy['accountant']} accountant"
+    for caveat in privacy.get("caveats") or []:
+        line += f"\n\n**Caveat:** {caveat}"
     return line
 
 
@@ -217,10 +220,15 @@ def render_card(report: Mapping[str, Any], *, base_model: str, license: str, rep
     out += ["## Privacy card", "", md_table(["Setting", "Value"], _defense_rows(report, shown_base)), ""]
     out += ["### Guarantee", "", _guarantee(privacy), ""]
     extra = privacy_lines(privacy)[1:] if privacy and privacy.get("epsilon") is not None else []
+    extra = [line for line in extra if not line.startswith("Caveat: ")]
     out += [*[f"- {line}" for line in extra], *([""] if extra else [])]
     out += ["### Membership-inference attacks", ""]
+    threat = protocol.get("threat_model")
+    if threat:
+        out += [f"Threat model: {threat}", ""]
     if summary:
-        out += [f"Strongest attack: **{summary['name']}**", "",
+        flipped = " (score direction fitted on calibration data, reversed from the paper's)" if summary.get("inverted") else ""
+        out += [f"Strongest attack: **{summary['name']}**{flipped}", "",
                 f"- AUC: **{fmt_ci(summary.get('auc'))}** (0.5 = cannot tell members from non-members)",
                 f"- TPR@1%FPR: **{fmt_ci(summary.get('tpr@1%fpr'))}**",
                 f"- TPR@0.1%FPR: **{fmt_ci(summary.get('tpr@0.1%fpr'))}**", ""]

@@ -114,12 +114,14 @@ def _defense(defense: Mapping[str, Any] | None, config: Mapping[str, Any]) -> di
 
 
 def _summary(attacks: Mapping[str, Any]) -> dict[str, Any]:
-    """The attack with the highest report-split AUC: the run's headline privacy number."""
+    """The attack with the highest oriented report-split AUC over every attacked release: the run's
+    headline privacy number."""
     scored = [(n, a) for n, a in attacks.items() if _is_number(a.get("metrics", {}).get("auc", {}).get("value"))]
     if not scored:
         return {"best_attack": None, "n_attacks": len(attacks)}
     name, best = max(scored, key=lambda item: item[1]["metrics"]["auc"]["value"])
-    entry: dict[str, Any] = {"name": name}
+    entry: dict[str, Any] = {"name": name, "attack": best.get("attack", name), "release": best.get("release"),
+                             "inverted": bool((best.get("orientation") or {}).get("inverted"))}
     for m in SUMMARY_METRICS:
         metric = best["metrics"].get(m) or {}
         entry[m] = {"value": metric.get("value"), "ci": metric.get("ci")}
@@ -192,23 +194,41 @@ def build_report(
 
 
 def attack_rows(report: Mapping[str, Any], calibrated: bool = True) -> tuple[list[str], list[list[str]]]:
-    """Columns and formatted rows of the attack table (shared by report.md and the model card)."""
+    """Columns and formatted rows of the attack table (shared by report.md and the model card).
+
+    Metrics are the oriented ones (direction fitted on calibration); an attack whose fitted direction
+    flipped the spec's is marked "(inverted)", and report.md (`calibrated`) adds the spec-direction AUC.
+    """
     ci_level = next(iter((report.get("attacks") or {}).values()), {}).get("metrics", {}).get("ci_level", 0.95)
     pct = f"{100 * ci_level:g}% CI"
     columns = ["Attack", f"AUC [{pct}]", "ASR", f"TPR@1%FPR [{pct}]", f"TPR@0.1%FPR [{pct}]"]
     if calibrated:
-        columns.append("Calibrated-threshold acc.")
+        columns += ["Spec-direction AUC", "Calibrated-threshold acc."]
     columns.append("NFE/sample")
     rows = []
     for name, a in (report.get("attacks") or {}).items():
         m = a.get("metrics") or {}
-        row = [name, fmt_ci(m.get("auc")), fmt((m.get("asr") or {}).get("value")),
+        label = f"{name} (inverted)" if (a.get("orientation") or {}).get("inverted") else name
+        row = [label, fmt_ci(m.get("auc")), fmt((m.get("asr") or {}).get("value")),
                fmt_ci(m.get("tpr@1%fpr")), fmt_ci(m.get("tpr@0.1%fpr"))]
         if calibrated:
-            row.append(fmt((a.get("calibrated_threshold") or {}).get("accuracy")))
+            spec = (a.get("metrics_spec") or {}).get("auc")
+            row += [fmt((spec or {}).get("value")), fmt((a.get("calibrated_threshold") or {}).get("accuracy"))]
         row.append(fmt_num(a.get("nfe_per_sample")))
         rows.append(row)
     return columns, rows
+
+
+def inversion_lines(report: Mapping[str, Any]) -> list[str]:
+    """One line per attack whose fitted score direction is the reverse of the spec's."""
+    out = []
+    for name, a in (report.get("attacks") or {}).items():
+        o = a.get("orientation") or {}
+        if o.get("inverted"):
+            spec = ((a.get("metrics_spec") or {}).get("auc") or {}).get("value")
+            out.append(f"**{name}**: {o.get('note') or 'inverted on this model'} (spec-direction AUC {fmt(spec)} on the "
+                       f"report half, {fmt(o.get('calibration_auc_spec'))} on calibration; the oriented AUC is reported)")
+    return out
 
 
 def warning_lines(report: Mapping[str, Any]) -> list[str]:
@@ -225,7 +245,7 @@ def summary_line(report: Mapping[str, Any]) -> str:
     if not s:
         return "No attack was run."
     return (
-        f"Best attack by AUC: **{s['name']}**: AUC {fmt_ci(s.get('auc'))}, "
+        f"Best attack by AUC: **{s['name']}**{' (direction inverted)' if s.get('inverted') else ''}: AUC {fmt_ci(s.get('auc'))}, "
         f"TPR@1%FPR {fmt_ci(s.get('tpr@1%fpr'))}, TPR@0.1%FPR {fmt_ci(s.get('tpr@0.1%fpr'))}"
     )
 
@@ -253,8 +273,11 @@ def privacy_lines(privacy: Mapping[str, Any] | None) -> list[str]:
         if privacy.get("accountant"):
             head += f" (accountant: {privacy['accountant']})"
         lines.append(head)
-    rest = {k: v for k, v in privacy.items() if k not in ("epsilon", "delta", "accountant")}
+    rest = {k: v for k, v in privacy.items() if k not in ("epsilon", "delta", "accountant", "caveats", "secret_sampling", "secret_noise")}
     lines += [f"{k}: {fmt_num(v) if _is_number(v) else v}" for k, v in rest.items()]
+    if privacy.get("secret_sampling") and privacy.get("secret_noise"):
+        lines.append("Poisson sampling and noise seeds: drawn from OS entropy, kept only in the private checkpoints")
+    lines += [f"Caveat: {c}" for c in privacy.get("caveats") or []]
     return lines
 
 
@@ -276,6 +299,8 @@ def _header_lines(report: Mapping[str, Any]) -> list[str]:
             f"calibration {cal.get('members')} members / {cal.get('nonmembers')} non-members, "
             f"report {rep.get('members')} members / {rep.get('nonmembers')} non-members; {protocol.get('score_orientation', '')}"
         )
+    if protocol.get("threat_model"):
+        lines.append(f"- **Threat model:** {protocol['threat_model']}")
     lines.append(f"- **Created:** {report.get('created')} with privtune {report.get('privtune_version')}")
     return lines
 
@@ -288,6 +313,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     out += ["## Attacks", ""]
     columns, rows = attack_rows(report)
     out += [md_table(columns, rows) if rows else "No attack was run.", ""]
+    inverted = inversion_lines(report)
+    if inverted:
+        out += ["Score directions fitted on the calibration half that reverse the spec's:", "", *[f"- {x}" for x in inverted], ""]
     params = [f"- **{n}**: {fmt_settings(a.get('params'))}" for n, a in (report.get("attacks") or {}).items()]
     if params:
         out += ["Attack settings:", "", *params, ""]
@@ -310,6 +338,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     plots = ["![ROC curves](plots/roc.png)", *[f"![{n} scores](plots/{score_plot_name(n)})" for n in report.get("attacks") or {}]]
     out += ["## Plots", "", *plots, ""]
     out += ["## Reproduce", "", "```bash", str(report.get("command", "")), "```", ""]
+    if report.get("evaluation_command"):
+        out += ["This report was re-made by:", "", "```bash", str(report["evaluation_command"]), "```", ""]
     return "\n".join(out)
 
 

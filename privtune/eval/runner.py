@@ -1,23 +1,31 @@
-"""Runs a set of MIAs on one target under the calibration / report protocol of specs/attacks.md §0.3:
-members and non-members are each split by a seeded permutation into a calibration half (the only
-data any attack may fit a timestep, classifier or threshold on) and a report half (the only data
-metrics are reported on). Overlaps by sample id between members and non-members, or between the
-calibration and report sets, raise a DataError before any model call.
+"""Runs a set of MIAs on every released model under the calibration / report protocol of
+specs/attacks.md §0.3: members and non-members are each split by a seeded permutation into a
+calibration half (the only data any attack may fit a timestep, classifier, threshold or score
+direction on) and a report half (the only data metrics are reported on). Overlaps by sample id
+between members and non-members, or between the calibration and report sets, raise a DataError
+before any model call.
+
+An attacker gets every advantage the release allows (privtune's first promise): each attack's score
+direction is fitted on the calibration half like its threshold (an over-fitted LoRA can invert a
+statistic, e.g. members with *larger* SecMI t-error), every released model is attacked (DualMD ships
+two adapters and their alternating sampler), and for several released files their per-sample best
+combination is attacked too.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
 from .attacks import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples
 from .attacks.base import member_labels
-from .metrics import calibrated_accuracy, evaluate_scores
+from .metrics import auc, calibrated_accuracy, evaluate_scores
 
 
 @dataclass
@@ -84,10 +92,215 @@ def build_attack(name: str, params: Mapping[str, Any] | None = None, seed: int =
     return cls(**kwargs)
 
 
-def _samples_dict(scores: AttackScores, labels: np.ndarray) -> dict[str, list]:
+@dataclass
+class Release:
+    """One model an attacker can query: a released file (a LoRA, one DualMD adapter) or a deployed sampler.
+
+    `context` puts the shared UNet into this release's state (e.g. activates one adapter) while it is
+    attacked; `deployed` marks the release utility and memorization are measured on.
+    """
+
+    name: str
+    target: AttackTarget | None = None
+    description: str = ""
+    context: Callable[[], ContextManager] = field(default=nullcontext)
+    deployed: bool = True
+
+
+def orientation(cal_scores, cal_labels) -> dict[str, Any]:
+    """The score direction an attacker fits on labelled calibration data: +1 keeps the spec's
+    "higher = member", -1 flips it when members score lower there (a tie keeps the spec's)."""
+    spec_auc = auc(cal_scores, cal_labels)
+    sign = 1 if spec_auc >= 0.5 else -1
+    return {"sign": sign, "calibration_auc_spec": spec_auc, "inverted": sign < 0}
+
+
+def score_entry(cal_scores, cal_labels, rep_scores, rep_labels, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Orientation and threshold fitted on calibration scores, applied to the report split.
+
+    `metrics` are the oriented metrics (what the report, the card and "best attack" use) and
+    `metrics_spec` the same scores in the spec's fixed direction.
+    """
+    cal_scores, rep_scores = np.asarray(cal_scores, np.float64), np.asarray(rep_scores, np.float64)
+    orient = orientation(cal_scores, cal_labels)
+    sign = orient["sign"]
     return {
-        "ids": list(scores.ids), "labels": [int(v) for v in labels],
-        "scores": [float(v) for v in scores.scores], "raw": [float(v) for v in scores.raw],
+        "metrics": evaluate_scores(sign * rep_scores, rep_labels, n_resamples=n_bootstrap, seed=seed),
+        "metrics_spec": evaluate_scores(rep_scores, rep_labels, n_resamples=n_bootstrap, seed=seed),
+        "orientation": orient,
+        "calibrated_threshold": {
+            **calibrated_accuracy(sign * cal_scores, cal_labels, sign * rep_scores, rep_labels),
+            "n_threshold_fit": int(len(cal_scores)),
+        },
+    }
+
+
+def _samples_dict(ids, labels, scores, raw=None) -> dict[str, list]:
+    out = {"ids": [str(i) for i in ids], "labels": [int(v) for v in labels], "scores": [float(v) for v in scores]}
+    if raw is not None:
+        out["raw"] = [float(v) for v in raw]
+    return out
+
+
+def entry_name(attack: str, release: str, single: bool) -> str:
+    """`loss` for a run with one released model; `loss@adapter_a` when several are attacked."""
+    return attack if single else f"{attack}@{release}"
+
+
+def combination_name(parts: Sequence[str]) -> str:
+    return f"best({','.join(parts)})"
+
+
+def _attack_release(name: str, attack: Attack, release: Release, split: CalibrationSplit, cal_ids: set,
+                    report: EncodedSamples, report_labels: np.ndarray, batch_size: int, n_bootstrap: int,
+                    seed: int, progress: bool) -> dict[str, Any]:
+    start = time.perf_counter()
+    target = release.target
+    with release.context():
+        cal = attack.calibrate(target, split.calibration_members, split.calibration_nonmembers,
+                               batch_size=batch_size, progress=progress)
+        if cal is None:
+            cal_samples = EncodedSamples.concat([split.calibration_members, split.calibration_nonmembers])
+            cal = attack.score(target, cal_samples, batch_size=batch_size, progress=progress)
+            cal.labels = member_labels(len(split.calibration_members), len(split.calibration_nonmembers))
+        fitted = set(getattr(attack, "fit_ids", [])) | set(cal.ids)
+        if not fitted <= cal_ids:
+            raise DataError(f"attack {name!r} fitted on samples outside the calibration split")
+        rep = attack.score(target, report, batch_size=batch_size, progress=progress)
+    entry = score_entry(cal.scores, cal.labels, rep.scores, report_labels, n_bootstrap, seed)
+    sign = entry["orientation"]["sign"]
+    entry["orientation"]["note"] = inversion_note(attack) if sign < 0 else ""
+    return {
+        "attack": name, "release": release.name, "params": attack.params(),
+        "nfe_per_sample": rep.nfe_per_sample, "calibration_nfe_per_sample": cal.nfe_per_sample, **entry,
+        "samples": _samples_dict(rep.ids, report_labels, sign * np.asarray(rep.scores), rep.raw),
+        "calibration_samples": _samples_dict(cal.ids, cal.labels, cal.scores),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def inversion_note(attack: Attack) -> str:
+    """Why the fitted direction differs from the spec's, in the attack's own statistic."""
+    statistic = getattr(attack, "statistic", "")
+    if not statistic:
+        return "inverted on this model: members score lower than non-members in the spec's direction; the fitted direction flips it"
+    more = "larger" if getattr(attack, "members_lower", False) else "smaller"
+    return f"inverted on this model: members have {more} {statistic} than non-members; the fitted direction flips it"
+
+
+def _aligned(entry: Mapping[str, Any], key: str, ids: Sequence[str]) -> np.ndarray:
+    """An entry's oriented `key` scores ("samples" or "calibration_samples") in the order of `ids`."""
+    part = entry[key]
+    sign = 1.0 if key == "samples" else float(entry["orientation"]["sign"])
+    by_id = dict(zip(part["ids"], part["scores"]))
+    return sign * np.asarray([by_id[i] for i in ids], dtype=np.float64)
+
+
+def combine_best(entries: Sequence[Mapping[str, Any]], n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The attacker holding several released files: per sample, the most member-like of the releases'
+    oriented scores (for the loss attack: the smaller of the adapters' losses); the combination's own
+    direction and threshold are fitted on calibration again."""
+    cal_ids = [i for i in entries[0]["calibration_samples"]["ids"]
+               if all(i in set(e["calibration_samples"]["ids"]) for e in entries[1:])]
+    labels_by_id = dict(zip(entries[0]["calibration_samples"]["ids"], entries[0]["calibration_samples"]["labels"]))
+    cal_labels = np.asarray([labels_by_id[i] for i in cal_ids])
+    cal = np.max([_aligned(e, "calibration_samples", cal_ids) for e in entries], axis=0)
+    rep_ids = entries[0]["samples"]["ids"]
+    rep_labels = np.asarray(entries[0]["samples"]["labels"])
+    rep = np.max([_aligned(e, "samples", rep_ids) for e in entries], axis=0)
+    entry = score_entry(cal, cal_labels, rep, rep_labels, n_bootstrap, seed)
+    sign = entry["orientation"]["sign"]
+    entry["orientation"]["note"] = "" if sign > 0 else "inverted: the best-of combination points away from members on calibration"
+    parts = [e["release"] for e in entries]
+    return {
+        "attack": entries[0]["attack"], "release": combination_name(parts), "combines": parts,
+        "params": {"rule": "per-sample max of the releases' oriented scores", "releases": ",".join(parts)},
+        "nfe_per_sample": sum(e["nfe_per_sample"] for e in entries),
+        "calibration_nfe_per_sample": sum(e["calibration_nfe_per_sample"] for e in entries), **entry,
+        "samples": _samples_dict(rep_ids, rep_labels, sign * rep),
+        "calibration_samples": _samples_dict(cal_ids, cal_labels, cal),
+        "seconds": sum(e["seconds"] for e in entries),
+    }
+
+
+def run_release_attacks(
+    releases: Sequence[Release],
+    members: EncodedSamples,
+    nonmembers: EncodedSamples,
+    attack_names: Sequence[str],
+    attack_params: Mapping[str, Mapping[str, Any]] | None = None,
+    combinations: Sequence[Sequence[str]] = (),
+    calibration_fraction: float = 0.5,
+    seed: int = 0,
+    batch_size: int = 32,
+    n_bootstrap: int = 1000,
+    progress: bool = True,
+    split: CalibrationSplit | None = None,
+    threat_model: str | None = None,
+) -> dict[str, Any]:
+    """Every attack on every release (a fresh attack object each, calibrated on that release), plus
+    the per-sample best of each release combination in `combinations`; returns a JSON-able dict.
+
+    {"protocol": {score_orientation, calibration_fraction, seed, batch_size, n_calibration, n_report,
+                  releases, combinations, threat_model},
+     "attacks": {entry name: {"attack", "release", "params", "nfe_per_sample", "calibration_nfe_per_sample",
+                 "metrics" (oriented, on the report split), "metrics_spec" (the spec's direction),
+                 "orientation" {sign, calibration_auc_spec, inverted, note}, "calibrated_threshold",
+                 "samples" (report split, oriented scores + raw), "calibration_samples", "seconds"}}}
+    Entry names are the attack names for one release, `attack@release` for several.
+    """
+    releases = list(releases)
+    if not releases:
+        raise ConfigError("no released model to attack")
+    names = [r.name for r in releases]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"release names must be unique, got {names}")
+    for combo in combinations:
+        unknown = [c for c in combo if c not in names]
+        if unknown or len(combo) < 2:
+            raise ConfigError(f"release combination {list(combo)} must name two or more of {names}")
+    attack_params = dict(attack_params or {})
+    for name in attack_params:
+        ATTACKS.get(name)
+    for name in attack_names:
+        build_attack(name, attack_params.get(name), seed)
+    if split is None:
+        for what, s in (("members", members), ("non-members", nonmembers)):
+            _unique_ids(s, what)
+        split = split_calibration(members, nonmembers, calibration_fraction, seed)
+    check_disjoint(split)
+    cal_ids = set(split.calibration_members.ids) | set(split.calibration_nonmembers.ids)
+    report = EncodedSamples.concat([split.report_members, split.report_nonmembers])
+    report_labels = member_labels(len(split.report_members), len(split.report_nonmembers))
+    single = len(releases) == 1 and not combinations
+
+    results: dict[str, Any] = {}
+    by_release: dict[str, dict[str, dict]] = {r.name: {} for r in releases}
+    for release in releases:
+        for name in attack_names:
+            attack = build_attack(name, attack_params.get(name), seed)
+            entry = _attack_release(name, attack, release, split, cal_ids, report, report_labels,
+                                    batch_size, n_bootstrap, seed, progress)
+            by_release[release.name][name] = entry
+            results[entry_name(name, release.name, single)] = entry
+    for combo in combinations:
+        for name in attack_names:
+            entry = combine_best([by_release[r][name] for r in combo], n_bootstrap, seed)
+            results[entry_name(name, entry["release"], False)] = entry
+    return {
+        "protocol": {
+            "score_orientation": "higher score = more likely member, in the direction fitted on the calibration half "
+                                 "(metrics_spec keeps the spec's fixed direction)",
+            "calibration_fraction": calibration_fraction,
+            "seed": seed,
+            "batch_size": batch_size,
+            "n_calibration": {"members": len(split.calibration_members), "nonmembers": len(split.calibration_nonmembers)},
+            "n_report": {"members": len(split.report_members), "nonmembers": len(split.report_nonmembers)},
+            "releases": {r.name: r.description for r in releases},
+            "combinations": [combination_name(c) for c in combinations],
+            "threat_model": threat_model,
+        },
+        "attacks": results,
     }
 
 
@@ -104,62 +317,7 @@ def run_attacks(
     progress: bool = True,
     split: CalibrationSplit | None = None,
 ) -> dict[str, Any]:
-    """Calibrates each attack on the calibration split, scores the report split, returns a JSON-able
-    dict. `attack_params[name]` holds constructor settings; `split` overrides the seeded split.
-
-    {"protocol": {score_orientation, calibration_fraction, seed, batch_size, n_calibration, n_report},
-     "attacks": {name: {"params": attack.params(), "nfe_per_sample", "calibration_nfe_per_sample",
-                        "metrics": evaluate_scores(...) on the report split (value + CI per metric, warnings),
-                        "calibrated_threshold": calibrated_accuracy(...) + n_threshold_fit,
-                        "samples": {"ids", "labels", "scores", "raw"} of the report split, "seconds"}}}
-    """
-    attack_params = dict(attack_params or {})
-    for name in attack_params:
-        ATTACKS.get(name)
-    attacks = {name: build_attack(name, attack_params.get(name), seed) for name in attack_names}
-    if split is None:
-        for what, s in (("members", members), ("non-members", nonmembers)):
-            _unique_ids(s, what)
-        split = split_calibration(members, nonmembers, calibration_fraction, seed)
-    check_disjoint(split)
-    cal_ids = set(split.calibration_members.ids) | set(split.calibration_nonmembers.ids)
-    report = EncodedSamples.concat([split.report_members, split.report_nonmembers])
-    report_labels = member_labels(len(split.report_members), len(split.report_nonmembers))
-
-    results: dict[str, Any] = {}
-    for name, attack in attacks.items():
-        start = time.perf_counter()
-        cal = attack.calibrate(
-            target, split.calibration_members, split.calibration_nonmembers, batch_size=batch_size, progress=progress
-        )
-        if cal is None:
-            cal_samples = EncodedSamples.concat([split.calibration_members, split.calibration_nonmembers])
-            cal = attack.score(target, cal_samples, batch_size=batch_size, progress=progress)
-            cal.labels = member_labels(len(split.calibration_members), len(split.calibration_nonmembers))
-        fitted = set(getattr(attack, "fit_ids", [])) | set(cal.ids)
-        if not fitted <= cal_ids:
-            raise DataError(f"attack {name!r} fitted on samples outside the calibration split")
-        rep = attack.score(target, report, batch_size=batch_size, progress=progress)
-        results[name] = {
-            "params": attack.params(),
-            "nfe_per_sample": rep.nfe_per_sample,
-            "calibration_nfe_per_sample": cal.nfe_per_sample,
-            "metrics": evaluate_scores(rep.scores, report_labels, n_resamples=n_bootstrap, seed=seed),
-            "calibrated_threshold": {
-                **calibrated_accuracy(cal.scores, cal.labels, rep.scores, report_labels),
-                "n_threshold_fit": int(len(cal.scores)),
-            },
-            "samples": _samples_dict(rep, report_labels),
-            "seconds": time.perf_counter() - start,
-        }
-    return {
-        "protocol": {
-            "score_orientation": "higher score = more likely member",
-            "calibration_fraction": calibration_fraction,
-            "seed": seed,
-            "batch_size": batch_size,
-            "n_calibration": {"members": len(split.calibration_members), "nonmembers": len(split.calibration_nonmembers)},
-            "n_report": {"members": len(split.report_members), "nonmembers": len(split.report_nonmembers)},
-        },
-        "attacks": results,
-    }
+    """`run_release_attacks` on one target (entries named by attack)."""
+    return run_release_attacks([Release("model", target)], members, nonmembers, attack_names, attack_params,
+                               calibration_fraction=calibration_fraction, seed=seed, batch_size=batch_size,
+                               n_bootstrap=n_bootstrap, progress=progress, split=split)

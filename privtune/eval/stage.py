@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from .attacks import ATTACKS, AttackTarget
 from .distributed import sharded
 from .encode import LATENT_CHOICE, empty_prompt_state, encode_records
 from .primitives import UNetPredictor
-from .runner import run_attacks
+from .runner import Release, run_release_attacks
 from .utility import compute_utility
 
 
@@ -52,6 +53,34 @@ def load_baseline(path) -> dict | None:
     return json.loads(report.read_text())
 
 
+def baseline_fingerprint(path) -> dict | None:
+    """The training-row fingerprint of a baseline: its report's `training_data`, else its split.json's."""
+    report = load_baseline(path) or {}
+    if report.get("training_data"):
+        return report["training_data"]
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    manifest = folder / "split.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("training_fingerprint")
+    return None
+
+
+def check_baseline(path, training: dict | None) -> None:
+    """Refuse a baseline that trained on other rows than this run: a comparison must be like-for-like."""
+    if not path:
+        return
+    theirs = baseline_fingerprint(path)
+    if theirs is None or training is None:
+        raise ConfigError(f"eval.baseline={path!r}: cannot check that the baseline trained on this run's rows (no training "
+                          "fingerprint in its report.json or split.json; it was made by an older privtune): re-train the "
+                          "baseline, or drop eval.baseline")
+    if theirs != training:
+        raise ConfigError(f"eval.baseline={path!r} trained on other rows ({theirs['rows']} rows) than this run "
+                          f"({training['rows']} rows, fingerprint {training['sha256'][:12]} vs {theirs['sha256'][:12]}); "
+                          "a comparison must be like-for-like: train the baseline with this run's data, seed, data.members "
+                          "and data.auxiliary_members (for mp_lora / smp_lora: recipe=lora data.auxiliary_members=<n>)")
+
+
 def defense_summary(cfg) -> dict:
     """The trainer and the settings that define its defense, for the report and the card."""
     container = to_container(cfg)
@@ -62,18 +91,26 @@ def defense_summary(cfg) -> dict:
                                                        "cutout", "randaugment", "randaugment_magnitude")
                      if k in container["data"]}}
     for key, value in container.items():
-        if key not in ("trainer", "seed", "output_dir", "resume", "overwrite", "tracking", "tracker_project",
+        if key not in ("trainer", "seed", "output_dir", "resume", "overwrite", "tracking", "tracker_project", "tracking_log_captions",
                        "model", "data", "lora", "train", "optim", "export", "eval", "recipe"):
             keep[key] = value
     return keep
 
 
-def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=None, lora_dir: Path | None = None,
-                   privacy: dict | None = None, command: str | None = None, write: bool = True) -> dict:
-    """Attack `unet` (base + LoRA, eval mode) on the split; returns the report dict (written when `write`)."""
-    from .card import write_model_card
-    from .report import build_report, log_report, write_report
+SINGLE_RELEASE = Release("lora", description="the exported LoRA (lora/) over the base model")
+SINGLE_THREAT = ("white-box over the released file: the attacker holds the LoRA and the base model, queries their "
+                 "noise predictions, and fits each attack's direction and threshold on calibration data of known membership")
 
+
+def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=None, lora_dir: Path | None = None,
+                   privacy: dict | None = None, command: str | None = None, write: bool = True,
+                   releases: list[Release] | None = None, combinations=(), threat_model: str | None = None,
+                   evaluation_command: str | None = None) -> dict:
+    """Attack `unet` (base + LoRA, eval mode) on the split; returns the report dict (written when `write`).
+
+    `releases` are what the run ships (default: the one LoRA): each is attacked in its own `context`,
+    plus the per-sample best of each of `combinations`; utility and memorization are measured on the
+    `deployed` release. The report's best attack is the strongest over all of them."""
     ev = cfg.eval
     names = check_attacks(ev.attacks)
     is_main = accelerator is None or accelerator.is_main_process
@@ -87,12 +124,33 @@ def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=N
         components.tokenizer, split.members + split.nonmembers))
     members = encode_records(components, split.members, cfg.data.resolution, device)
     nonmembers = encode_records(components, split.nonmembers, cfg.data.resolution, device)
+    releases = [replace(r, target=target) for r in (releases or [SINGLE_RELEASE])]
+    deployed = next((r for r in releases if r.deployed), releases[0])
     with sharded(accelerator):
-        result = run_attacks(target, members, nonmembers, names, to_container(ev.attack_params),
-                             calibration_fraction=float(ev.calibration_fraction), seed=int(cfg.seed),
-                             batch_size=int(ev.batch_size), n_bootstrap=int(ev.bootstrap), progress=is_main)
+        result = run_release_attacks(releases, members, nonmembers, names, to_container(ev.attack_params),
+                                     combinations=combinations, calibration_fraction=float(ev.calibration_fraction),
+                                     seed=int(cfg.seed), batch_size=int(ev.batch_size), n_bootstrap=int(ev.bootstrap),
+                                     progress=is_main, threat_model=threat_model or SINGLE_THREAT)
+    result["protocol"]["deployed"] = deployed.name
     result["protocol"]["latents"] = LATENT_CHOICE
     result["protocol"]["guidance_scale"] = float(ev.guidance_scale)
+    with deployed.context():
+        report = _deployed_sections(cfg, components, unet, predictor, alphas, members, nonmembers, split, result, privacy,
+                                    run_dir, accelerator, lora_dir, command, write, device, is_main, evaluation_command)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if was_training:
+        unet.train()
+    return report
+
+
+def _deployed_sections(cfg, components, unet, predictor, alphas, members, nonmembers, split, result, privacy,
+                       run_dir, accelerator, lora_dir, command, write, device, is_main, evaluation_command=None) -> dict | None:
+    """Utility, memorization sections, the report and the card (main process), on the deployed release."""
+    from .card import write_model_card
+    from .report import build_report, log_report, write_report
+
+    ev = cfg.eval
     report = None
     if is_main:
         utility = None
@@ -109,6 +167,10 @@ def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=N
         report = build_report(config=to_container(cfg), attacks_result=result, utility=utility, privacy=privacy,
                               split_sizes={"members": len(split.members), "nonmembers": len(split.nonmembers)},
                               command=command, defense=defense_summary(cfg), baseline=load_baseline(ev.baseline))
+        if split.training_fingerprint:
+            report["training_data"] = split.training_fingerprint
+        if evaluation_command:
+            report["evaluation_command"] = evaluation_command
         report.update(memorization_sections(cfg, components, unet, predictor, alphas, split, run_dir if write else None,
                                             privacy, device, progress=is_main))
         if write:
@@ -120,10 +182,6 @@ def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=N
                 forbidden += [str(Path(run_dir).resolve()), str(run_dir)]
                 write_model_card(lora_dir, report, base_model=base_model_name(cfg), license=str(ev.license),
                                  repro_command=command, forbidden=forbidden)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    if was_training:
-        unet.train()
     return report
 
 

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import flat, to_yaml
+from ..config import to_yaml
 from ..data.augment import build_augmentation
 from ..data.sources import load_source
-from ..data.split import Split, load_manifest, make_split, save_manifest, split_from_manifest
+from ..data.split import Split, fingerprint, load_manifest, make_split, save_manifest, split_from_manifest
 from ..data.stage import DataStage, check_settings as check_data_settings
 from ..data.transforms import preprocess
 from ..errors import ConfigError
-from ..io import atomic_write_text
+from ..io import apply_umask, atomic_write_text
 from ..losses import denoising_loss
 from ..models.loading import Components, freeze, load_components
 from ..models.lora import add_lora, lora_config
@@ -205,10 +205,29 @@ class Trainer:
         if source.skipped and self.is_main:
             print(f"privtune: skipped {len(source.skipped)} bad samples (data.on_bad_sample=skip)")
         self.train_records = self.data_stage.after_split(self.training_records(), self.split)  # + duplicates, canaries
+        self.split.training_fingerprint = fingerprint(self.train_records)
+        self.check_training_rows(manifest_path)
 
     def training_records(self):
-        """The rows the model trains on; defenses that reshape the training set override this."""
-        return self.split.members
+        """The rows the model trains on: the members plus `data.auxiliary_members` rows from outside the
+        evaluation split; defenses that reshape the training set override this."""
+        from ..defenses.attacker_split import draw_auxiliary_members
+
+        self.split.auxiliary = draw_auxiliary_members(self.source.records, self.split, int(self.cfg.data.auxiliary_members),
+                                                      int(self.cfg.seed))
+        return self.split.members + self.split.auxiliary
+
+    def check_training_rows(self, manifest_path: Path) -> None:
+        """A resume must train on the rows the run started with, and `eval.baseline` must have trained on the same rows."""
+        if self.resumed_split:
+            recorded = load_manifest(manifest_path).get("training_fingerprint")
+            if recorded and recorded != self.split.training_fingerprint:
+                raise ConfigError(f"resume would train on other rows than {manifest_path} records ({self.split.training_fingerprint['rows']} "
+                                  f"rows now, {recorded['rows']} then): use the data settings the run started with")
+        if self.cfg.eval.enabled and self.cfg.eval.baseline:
+            from ..eval.stage import check_baseline
+
+            check_baseline(self.cfg.eval.baseline, self.split.training_fingerprint)
 
     # ------------------------------------------------------------------ model
     def setup_model(self) -> None:
@@ -330,7 +349,18 @@ class Trainer:
                                       acc.process_index, acc.num_processes, self.cfg.data.random_flip)
         self.setup_sample_filter()
         if self.is_main:
-            tracking.start(acc, self.cfg, self.run_dir, flat(self.cfg))
+            tracking.start(acc, self.cfg, self.run_dir, self.tracker_hparams())
+
+    def tracker_hparams(self) -> dict:
+        """The resolved config for the trackers: local paths, captions and sample ids of the split and the
+        training rows scrubbed out unless `tracking_log_captions` (privtune.tracking)."""
+        rows = (self.split.members, self.split.nonmembers, self.train_records, getattr(self, "encoded_records", None))
+        return tracking.tracker_hparams(self.cfg, tracking.private_strings(*rows, separator=self.caption_separator()))
+
+    def caption_separator(self) -> str | None:
+        """`captions.separator` when captions.multiple splits a caption into several, else None."""
+        node = self.cfg.get("captions")
+        return str(node.separator) if node is not None and node.get("multiple") and node.get("separator") else None
 
     # ------------------------------------------------------------------ checkpoints
     def _save_hook(self, models, weights, output_dir) -> None:
@@ -343,6 +373,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         save_file(tagged, os.path.join(output_dir, "trainable.safetensors"))
+        apply_umask(os.path.join(output_dir, "trainable.safetensors"))  # safetensors writes 0600
         while weights:
             weights.pop()
 
@@ -570,17 +601,32 @@ class Trainer:
         return apply_sampling_options(pipeline_for(comps, self.accelerator.unwrap_model(comps.unet), text_encoder), self.cfg.sampling)
 
     def validation_prompts(self) -> list[str]:
+        """The user's `train.validation_prompts`, else (up to) four held-out captions that are no training
+        caption: source rows in neither split, or only when there are none, non-members (privtune.tracking)."""
         prompts = self.cfg.train.validation_prompts
-        return list(prompts) if prompts else [r.caption for r in self.split.members[:4]]
+        if prompts:
+            return [str(p) for p in prompts]
+        if getattr(self, "_held_out_prompts", None) is None:
+            trained = [*self.train_records, *(getattr(self, "encoded_records", None) or [])]
+            self._held_out_prompts = tracking.held_out_prompts(
+                self.source.records, self.split.members, self.split.nonmembers, trained, n=4,
+                separator=self.caption_separator())
+        return self._held_out_prompts
 
     def validate(self, step: int) -> Path | None:
         if not self.is_main:
             self.accelerator.wait_for_everyone()
             return None
         cfg = self.cfg
+        prompts = self.validation_prompts()
+        if not prompts:
+            if not getattr(self, "_warned_no_prompts", False):
+                print("privtune: no validation images: no held-out caption that is not also a training caption; set train.validation_prompts")
+                self._warned_no_prompts = True
+            self.accelerator.wait_for_everyone()
+            return None
         unet = self.accelerator.unwrap_model(self.components.unet)
         unet.eval()
-        prompts = self.validation_prompts()
         with torch.no_grad():
             images = self.pipeline()(
                 prompts, num_inference_steps=cfg.train.validation_inference_steps,
@@ -590,7 +636,7 @@ class Trainer:
             ).images
         unet.train()
         path = exporter.save_image_grid(images, prompts, self.run_dir / "validation" / f"step-{step:06d}.png")
-        tracking.log_images(self.accelerator, "validation", images, prompts, step)
+        tracking.log_images(self.accelerator, "validation", images, tracking.tracker_captions(cfg, prompts), step)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -632,8 +678,12 @@ class Trainer:
         self.report = evaluate_model(
             cfg=self.cfg, components=self.components, unet=self.accelerator.unwrap_model(self.components.unet),
             split=self.split, run_dir=self.run_dir, accelerator=self.accelerator,
-            lora_dir=self.run_dir / exporter.LORA_DIR, privacy=self.privacy_summary(),
+            lora_dir=self.run_dir / exporter.LORA_DIR, privacy=self.privacy_summary(), **self.release_plan(),
         )
+
+    def release_plan(self) -> dict:
+        """What the run ships, as `evaluate_model` keywords (releases, combinations, threat_model); {} = the one LoRA."""
+        return {}
 
     def privacy_summary(self) -> dict | None:
         """Formal guarantees for the report (epsilon, delta, accountant); None for undefended training."""

@@ -20,10 +20,18 @@ the processes; each process sums its clipped per-example gradients, one all-redu
 every process adds the *same* Gaussian draw (a generator seeded identically everywhere), so noise
 enters exactly once per logical step and the processes stay in lockstep. The UNet is used outside
 its DDP wrapper because processes run different numbers of chunks. Each chunk's latent, timestep
-and noise draws are seeded from (seed, step, chunk), so a run gives the same model on any number of
-processes. The noise seed comes from OS entropy per run (or `dp.noise_seed`) and is kept only in the
-checkpoints; the Poisson batches are a pure function of (seed, step), so amplification by
-subsampling assumes the run's seed stays private.
+and diffusion-noise draws are seeded from (seed, step, chunk), so a run gives the same model on any
+number of processes; they do not depend on the data, so the public `seed` may seed them.
+
+Two secrets carry the guarantee: the *sampling seed* (the Poisson batches, the shuffled batches of
+`dp.poisson=false` and the random flips of DP batches) and the *noise seed* (the Gaussian noise). Both
+come from OS entropy per run (`secrets.randbits(63)`), are broadcast so every process holds the same
+ones, and are stored only in the checkpoints (`DPState`), never in config.yaml, report.json,
+privacy.json, the card, the logs or `lora/`. Amplification by subsampling holds only while the batches
+are secret, and the noise protects nothing once its seed is known. `dp.sampling_seed` / `dp.noise_seed`
+fix them for debugging; they are then written to config.yaml and `privacy_summary()` says so in its
+`caveats`. Resuming restores both seeds from the checkpoint, so a resumed run draws exactly the batches
+and noise of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -51,23 +59,29 @@ class DPSGDError(PrivtuneError):
 class DPSchedule:
     """The logical batch of every step (Poisson or shuffled) cut into chunks of `chunk` rows.
 
-    A pure function of (seed, step): a resumed run draws exactly the batches of an uninterrupted one.
-    Chunk c of a step goes to process c % world_size; micro-step `step * chunks_per_step + c`
-    addresses chunk c of step `step`.
+    A pure function of (sampling seed, step): a resumed run, once `reseed` gives it the checkpoint's
+    sampling seed, draws exactly the batches of an uninterrupted one. The sampling seed is a DP secret
+    (see the module docstring). Chunk c of a step goes to process c % world_size; micro-step
+    `step * chunks_per_step + c` addresses chunk c of step `step`.
     """
 
     def __init__(self, num_rows: int, expected: int, chunk: int, seed: int, poisson: bool, random_flip: bool,
                  rank: int = 0, world_size: int = 1):
         self.num_rows = num_rows
+        self.expected = expected
         self.sample_rate = expected / num_rows
         self.chunk = chunk
-        self.seed = seed
         self.poisson = poisson
         self.random_flip = random_flip
         self.rank = rank
         self.world_size = world_size
         self.chunks_per_step = math.ceil(num_rows / chunk)
-        self._shuffle = BatchSchedule(num_rows, expected, seed, 0, 1, random_flip)
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Draw every batch from sampling seed `seed` from now on (drops the cached step)."""
+        self.seed = int(seed)
+        self._shuffle = BatchSchedule(self.num_rows, self.expected, self.seed, 0, 1, self.random_flip)
         self._cached: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
 
     def logical(self, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,27 +115,93 @@ class DPSchedule:
 
 
 class DPState:
-    """Checkpointed DP state: the accountant's history and the noise seed (the same on every process).
+    """Checkpointed DP state: the accountant's history and the two DP secrets, the same on every process.
 
-    The Gaussian noise of step t is drawn from a generator seeded with (noise seed, t), so resuming
-    needs only the seed, and every process draws the identical noise.
+    The noise seed seeds the Gaussian noise (step t draws from a generator seeded with (noise seed, t));
+    the sampling seed seeds the batches (`DPSchedule`, which `load_state_dict` re-seeds). Resuming needs
+    only the seeds, and every process draws the identical batches and noise. `sampling_secret` /
+    `noise_secret` record whether each seed came from OS entropy (False: fixed in the config, or a
+    checkpoint that predates secret sampling seeds).
+
+    A checkpoint without a sampling seed (written before it was kept secret) drew its batches from the
+    public run seed; resuming it goes on with that seed (`legacy_sampling_seed`), so the run stays exact,
+    and marks the sampling as not secret.
     """
 
-    def __init__(self, accountant, noise_seed: int):
+    def __init__(self, accountant, noise_seed: int, sampling_seed: int, schedule: DPSchedule | None = None,
+                 noise_secret: bool = True, sampling_secret: bool = True, legacy_sampling_seed: int | None = None):
         self.accountant = accountant
-        self.noise_seed = noise_seed
+        self.noise_seed = int(noise_seed)
+        self.sampling_seed = int(sampling_seed)
+        self.noise_secret = bool(noise_secret)
+        self.sampling_secret = bool(sampling_secret)
+        self.legacy_sampling = False
+        self.legacy_sampling_seed = legacy_sampling_seed
+        self.schedule = schedule
         self.generator = torch.Generator()
+        if schedule is not None:
+            schedule.reseed(self.sampling_seed)
 
     def begin_step(self, step: int) -> None:
         self.generator.manual_seed(step_seed(self.noise_seed, step))
 
     def state_dict(self) -> dict:
         history = torch.tensor([list(h) for h in self.accountant.history], dtype=torch.float64).reshape(-1, 3)
-        return {"history": history, "noise_seed": torch.tensor(self.noise_seed, dtype=torch.int64)}
+        return {"history": history, "noise_seed": torch.tensor(self.noise_seed, dtype=torch.int64),
+                "sampling_seed": torch.tensor(self.sampling_seed, dtype=torch.int64),
+                "noise_secret": torch.tensor(self.noise_secret), "sampling_secret": torch.tensor(self.sampling_secret)}
 
     def load_state_dict(self, state: dict) -> None:
+        if "noise_seed" not in state:
+            raise DPSGDError("the checkpoint's DP state has no noise seed: it cannot be resumed exactly; start a new run")
         self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"].tolist()]
         self.noise_seed = int(state["noise_seed"])
+        if "noise_secret" in state:
+            self.noise_secret = bool(state["noise_secret"])
+        if "sampling_seed" in state:
+            self.sampling_seed = int(state["sampling_seed"])
+            self.sampling_secret = bool(state.get("sampling_secret", torch.tensor(True)))
+            self.legacy_sampling = False
+        else:
+            if self.legacy_sampling_seed is None:
+                raise DPSGDError("the checkpoint's DP state has no sampling seed and no run seed to fall back on")
+            warnings.warn("privtune: this checkpoint predates secret sampling seeds: its Poisson batches were drawn from "
+                          "the public run seed (`seed` in config.yaml), and the resumed run keeps drawing them from it so "
+                          "that it stays exact. Epsilon's amplification by subsampling does not hold for this run; "
+                          "privacy.json lists the caveat. Start a new run for secret batches.", stacklevel=2)
+            self.sampling_seed = int(self.legacy_sampling_seed)
+            self.sampling_secret = False
+            self.legacy_sampling = True
+        if self.schedule is not None:
+            self.schedule.reseed(self.sampling_seed)
+
+
+SAMPLING_SEED_CAVEAT = ("dp.sampling_seed is fixed and written to config.yaml: epsilon assumes the Poisson batches stay "
+                        "secret; anyone who knows the seed knows every batch, and the budget without amplification by "
+                        "subsampling is several times larger")
+LEGACY_SAMPLING_CAVEAT = ("this run resumed from a checkpoint written before sampling seeds were kept secret: its Poisson "
+                          "batches follow the public run seed in config.yaml, so anyone who knows it knows every batch, "
+                          "and the budget without amplification by subsampling is several times larger")
+SAMPLING_NOT_SECRET_CAVEAT = ("the Poisson sampling seed of this run is not secret (dp.sampling_seed fixed it when the run "
+                              "started, or it is the public run seed of a checkpoint that predates secret sampling seeds): "
+                              "epsilon assumes the batches stay secret; anyone who knows the seed knows every batch, and "
+                              "the budget without amplification by subsampling is several times larger")
+NOISE_SEED_CAVEAT = ("dp.noise_seed is fixed and written to config.yaml: epsilon assumes the Gaussian noise stays secret; "
+                     "anyone who knows the seed can regenerate the noise and subtract it, which removes the noise "
+                     "entirely and leaves no differential privacy guarantee")
+NOISE_NOT_SECRET_CAVEAT = ("the Gaussian noise seed of this run was fixed in its configuration (dp.noise_seed) when it "
+                           "started: anyone who knows the seed can regenerate the noise and subtract it, which removes "
+                           "the noise entirely and leaves no differential privacy guarantee")
+
+
+def check_seed(dp, key: str) -> int | None:
+    """dp.<key>: null (OS entropy) or an integer in [0, 2**63)."""
+    value = dp.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise ConfigError(f"dp.{key} must be null (a secret seed from OS entropy) or an integer in [0, 2**63) (got {value!r})")
+    return int(value)
 
 
 @TRAINERS.register("dpsgd")
@@ -147,6 +227,8 @@ class DPSGDTrainer(Trainer):
             raise ConfigError(f"dp.target_epsilon must be > 0 (got {dp.target_epsilon})")
         if dp.delta is not None and not 0 < float(dp.delta) < 1:
             raise ConfigError(f"dp.delta must be in (0, 1) (got {dp.delta})")
+        check_seed(dp, "noise_seed")
+        check_seed(dp, "sampling_seed")
         if cfg.lora.text_encoder:
             raise ConfigError("dpsgd trains UNet LoRA only; set lora.text_encoder=false (a text-encoder LoRA would share the budget)")
         if cfg.train.gradient_checkpointing:
@@ -176,16 +258,31 @@ class DPSGDTrainer(Trainer):
         self.components.unet = acc.unwrap_model(self.components.unet)
         self.grad_sampler = GradSampleModule(self.components.unet, batch_first=True, loss_reduction="sum", strict=True,
                                              force_functorch=cfg.dp.grad_sample == "functorch")
-        self.schedule = DPSchedule(len(self.train_records), self.expected_batch, cfg.train.batch_size, cfg.seed,
-                                   bool(cfg.dp.poisson), cfg.data.random_flip, acc.process_index, acc.num_processes)
-        seed = [secrets.randbits(63) if cfg.dp.noise_seed is None else int(cfg.dp.noise_seed)]
+        # The DP secrets: OS entropy unless fixed for debugging, the main process's on every process. A resumed
+        # run replaces both with the checkpoint's when `resume_if_asked` loads DPState (which re-seeds the schedule).
+        fixed = [check_seed(cfg.dp, "noise_seed"), check_seed(cfg.dp, "sampling_seed")]
+        seeds = [secrets.randbits(63) if s is None else s for s in fixed]
         if acc.num_processes > 1:
-            broadcast_object_list(seed)
-        self.dp_state = DPState(make_accountant(self.budget.accountant), seed[0])
+            broadcast_object_list(seeds)
+        self.schedule = DPSchedule(len(self.train_records), self.expected_batch, cfg.train.batch_size, seeds[1],
+                                   bool(cfg.dp.poisson), cfg.data.random_flip, acc.process_index, acc.num_processes)
+        self.dp_state = DPState(make_accountant(self.budget.accountant), seeds[0], seeds[1], schedule=self.schedule,
+                                noise_secret=fixed[0] is None, sampling_secret=fixed[1] is None,
+                                legacy_sampling_seed=int(cfg.seed))
         self.accelerator.register_for_checkpointing(self.dp_state)
         self._update_checked = False
         if not cfg.dp.poisson and self.is_main:
             print("privtune: dp.poisson=false: shuffled fixed-size batches; the reported epsilon assumes Poisson sampling")
+
+    def resume_if_asked(self) -> None:
+        """Resume; the DP secrets (and the secrecy flags) are the checkpoint's, whatever the config now fixes."""
+        super().resume_if_asked()
+        if self.cfg.resume is None or not self.is_main:
+            return
+        for key, restored in (("sampling_seed", self.dp_state.sampling_seed), ("noise_seed", self.dp_state.noise_seed)):
+            fixed = self.cfg.dp.get(key)
+            if fixed is not None and int(fixed) != restored:
+                print(f"privtune: dp.{key}={fixed} is not used: the resumed run keeps its checkpoint's {key.replace('_', ' ')}")
 
     @property
     def accountant(self):
@@ -327,7 +424,26 @@ class DPSGDTrainer(Trainer):
             "sample_rate": self.budget.sample_rate, "steps": steps, "accountant": self.budget.accountant,
             "max_grad_norm": float(dp.max_grad_norm), "noise_multiplicity": int(dp.noise_multiplicity),
             "target_epsilon": self.budget.target_epsilon, "poisson": bool(dp.poisson),
+            "secret_sampling": self.dp_state.sampling_secret and dp.get("sampling_seed") is None,
+            "secret_noise": self.dp_state.noise_secret and dp.get("noise_seed") is None,
+            "caveats": self.caveats(),
         }
+
+    def caveats(self) -> list[str]:
+        """Plain-English limits of the reported epsilon: a DP secret that is not secret (never the seeds themselves)."""
+        dp, state = self.cfg.dp, self.dp_state
+        out = []
+        if dp.get("sampling_seed") is not None:
+            out.append(SAMPLING_SEED_CAVEAT)
+        elif state.legacy_sampling:
+            out.append(LEGACY_SAMPLING_CAVEAT)
+        elif not state.sampling_secret:
+            out.append(SAMPLING_NOT_SECRET_CAVEAT)
+        if dp.get("noise_seed") is not None:
+            out.append(NOISE_SEED_CAVEAT)
+        elif not state.noise_secret:
+            out.append(NOISE_NOT_SECRET_CAVEAT)
+        return out
 
     # ------------------------------------------------------------------ evaluation without hooks
     def validate(self, step: int):

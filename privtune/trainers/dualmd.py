@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ from .. import export as exporter
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_json, atomic_write_text
 from ..models.alternation import AdapterAlternation, ddim_timesteps
-from ..models.lora import add_lora, lora_state_dict, use_adapter
+from ..models.lora import active_adapter, add_lora, lora_state_dict, use_adapter
 from .base import Batch, Trainer
 from .registry import TRAINERS
 from .sampling import BatchSchedule
@@ -204,11 +206,13 @@ class DualMDTrainer(PromptDiversification, Trainer):
         export_dualmd(self.run_dir / exporter.LORA_DIR, self.unet, self.lora_config, kohya=self.cfg.export.kohya,
                       inference_steps=int(self.cfg.dualmd.inference_steps))
 
+    def release_plan(self) -> dict:
+        return dualmd_release_plan(self.unet, self.components.noise_scheduler.config, int(self.cfg.dualmd.inference_steps))
+
     def after_export(self) -> None:
         if not self.cfg.eval.enabled:
             return
-        with self.alternation(int(self.cfg.dualmd.inference_steps)):
-            super().after_export()
+        super().after_export()
         if self.is_main:
             from ..eval.stage import base_model_name
 
@@ -251,18 +255,51 @@ def is_dualmd_export(folder) -> bool:
     return (Path(folder) / "dualmd.json").is_file()
 
 
-def dualmd_alternation(components, folder, cfg) -> AdapterAlternation:
-    """Load an exported DualMD pair as adapters A and B of `components.unet`; the alternation to attack it with.
-
-    The schedule is the run's `dualmd.inference_steps` (else `eval.utility_inference_steps`).
-    """
+def load_dualmd_adapters(components, folder) -> None:
+    """Load an exported DualMD pair as adapters A and B of `components.unet` (A active)."""
     from ..models.lora import load_lora
 
     for name, sub in EXPORT_DIRS.items():
         load_lora(components, Path(folder) / sub, name)
-    steps = cfg.dualmd.inference_steps if "dualmd" in cfg else cfg.eval.utility_inference_steps
     use_adapter(components.unet, ADAPTERS[0])
-    return AdapterAlternation(components.unet, ddim_timesteps(components.noise_scheduler.config, int(steps)), ADAPTERS)
+
+
+def dualmd_steps(cfg) -> int:
+    """The deployed schedule's length: the run's `dualmd.inference_steps` (else `eval.utility_inference_steps`)."""
+    return int(cfg.dualmd.inference_steps if "dualmd" in cfg else cfg.eval.utility_inference_steps)
+
+
+@contextmanager
+def only_adapter(unet, name: str):
+    """Adapter `name` alone, as an attacker holding just that file would run it; restores the active one."""
+    previous = active_adapter(unet)
+    use_adapter(unet, name)
+    try:
+        yield
+    finally:
+        use_adapter(unet, previous)
+
+
+DUALMD_THREAT = ("white-box over the released files (adapter_a, adapter_b): the attacker runs each adapter alone, "
+                 "the per-sample best of the two, and the deployed alternating sampler, fitting each attack's direction "
+                 "and threshold on calibration data of known membership; the strongest is reported")
+
+
+def dualmd_release_plan(unet, scheduler_config, steps: int) -> dict:
+    """What a DualMD run ships, for `evaluate_model`: both adapter files, their alternating sampler
+    (the deployed model) and the adapters' per-sample best combination."""
+    from ..eval.runner import Release
+
+    timesteps = ddim_timesteps(scheduler_config, int(steps))
+    releases = [
+        Release("alternating", description=f"adapters A / B alternated over a {steps}-step DDIM sampler (the deployed model)",
+                context=lambda: AdapterAlternation(unet, timesteps, ADAPTERS), deployed=True),
+        Release("adapter_a", description="lora/adapter_a alone over the base model", context=partial(only_adapter, unet, "A"),
+                deployed=False),
+        Release("adapter_b", description="lora/adapter_b alone over the base model", context=partial(only_adapter, unet, "B"),
+                deployed=False),
+    ]
+    return {"releases": releases, "combinations": [("adapter_a", "adapter_b")], "threat_model": DUALMD_THREAT}
 
 
 def usage_lines(base_model: str, steps: int) -> list[str]:

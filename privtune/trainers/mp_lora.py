@@ -62,9 +62,9 @@ class MPLoRATrainer(Trainer):
         if self.form == "smp" and not (math.isfinite(beta + delta) and beta + delta > 0):
             raise ConfigError(f"mp.beta + mp.delta must be > 0 so the SMP-LoRA denominator stays positive "
                               f"(got beta={beta:g}, delta={delta:g}); the paper uses beta=1, delta=1e-5")
-        for key in ("attacker_members", "attacker_nonmembers"):
-            if int(mp[key]) < 1:
-                raise ConfigError(f"mp.{key} must be >= 1 (got {mp[key]}): the proxy attacker's split would be empty "
+        for key, value in (("data.auxiliary_members", cfg.data.auxiliary_members), ("mp.attacker_nonmembers", mp.attacker_nonmembers)):
+            if int(value) < 1:
+                raise ConfigError(f"{key} must be >= 1 (got {value}): the proxy attacker's split would be empty "
                                   f"and it could not be trained; the recipe default is 32")
         for key in ("lora_steps", "attacker_steps"):
             if int(mp[key]) < 1:
@@ -91,8 +91,9 @@ class MPLoRATrainer(Trainer):
             self.attacker_split = load_attacker_split(self.run_dir, self.source.records)
             check_attacker_disjoint(self.split, self.attacker_split)
         else:
-            self.attacker_split = make_attacker_split(self.source.records, self.split, int(mp.attacker_members),
+            self.attacker_split = make_attacker_split(self.source.records, self.split, int(self.cfg.data.auxiliary_members),
                                                       int(mp.attacker_nonmembers), int(self.cfg.seed))
+        self.split.auxiliary = self.attacker_split.members
         return self.split.members + self.attacker_split.members
 
     def input_records(self):

@@ -158,6 +158,8 @@ class Attack:
     calibration split with `score`"."""
 
     name = "attack"
+    statistic = ""         # what `raw` measures, for the report's inversion note ("t-error")
+    members_lower = False  # the spec expects members to have the smaller `raw` (score = -raw)
 
     def __init__(self, seed: int = 0):
         self.seed = int(seed)

@@ -28,6 +28,7 @@ DEFAULT_TIMESTEPS = (50, 100, 200, 350, 500)
 @ATTACKS.register("loss")
 class LossAttack(Attack):
     name = "loss"
+    statistic, members_lower = "denoising loss", True
 
     def __init__(self, timesteps: Sequence[int] = DEFAULT_TIMESTEPS, draws: int = 4, noise: str = "shared", seed: int = 0):
         super().__init__(seed)

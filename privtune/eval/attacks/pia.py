@@ -28,6 +28,7 @@ DEFAULT_TIMESTEPS = (100, 200, 300, 500)
 @ATTACKS.register("pia")
 class PIA(Attack):
     name = "pia"
+    statistic, members_lower = "PIA error", True
     normalize = False
 
     def __init__(self, timesteps: Sequence[int] = DEFAULT_TIMESTEPS, p: float = 4, seed: int = 0):

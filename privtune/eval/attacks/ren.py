@@ -56,6 +56,7 @@ class _Probed:
 @ATTACKS.register("ren")
 class RenAttack(Attack):
     name = "ren"
+    statistic, members_lower = "cross-attention entropy", False
 
     def __init__(self, layer: int = 3, seed: int = 0):
         super().__init__(seed)
@@ -83,6 +84,7 @@ class RenAttack(Attack):
 @ATTACKS.register("ren_trajectory")
 class RenTrajectoryAttack(Attack):
     name = "ren_trajectory"
+    statistic, members_lower = "cross-attention entropy score", False
 
     def __init__(self, steps: int = 50, last: int = 10, guidance: float = 7.5, seed: int = 0):
         super().__init__(seed)

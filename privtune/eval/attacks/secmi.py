@@ -35,6 +35,7 @@ from .base import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples, m
 @ATTACKS.register("secmi")
 class SecMI(Attack):
     name = "secmi"
+    statistic, members_lower = "t-error", True
 
     def __init__(self, t_sec: int = 150, k: int = 10, seed: int = 0):
         super().__init__(seed)
@@ -78,6 +79,7 @@ class _MapClassifier(nn.Module):
 @ATTACKS.register("secmi_nn")
 class SecMINN(SecMI):
     name = "secmi_nn"
+    statistic, members_lower = "classifier logit", False
 
     def __init__(
         self, t_sec: int = 150, k: int = 10, epochs: int = 30, lr: float = 1e-3, weight_decay: float = 1e-4,

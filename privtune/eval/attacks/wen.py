@@ -30,6 +30,7 @@ from .base import ATTACKS, Attack, base_predictor
 @ATTACKS.register("wen")
 class WenAttack(Attack):
     name = "wen"
+    statistic, members_lower = "text-conditional noise magnitude", False
     record_all = False
 
     def __init__(self, generations: int = 4, steps: int = 50, guidance: float = 7.5, seed: int = 0):

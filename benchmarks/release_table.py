@@ -1,0 +1,46 @@
+"""Per attack and released model: the spec-direction AUC, the oriented AUC (direction fitted on the
+calibration half) with its CI, TPR@1%FPR, and the card's best attack, from finished runs' report.json.
+
+    python benchmarks/release_table.py LoRA=/work/evidence/lora-s0 DualMD=/work/evidence/dualmd-s0
+
+Arguments are NAME=RUN_DIR. Prints a markdown table (one row per attack entry) and one line per run
+with its best attack, the number the privacy card reports.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def fmt_ci(metric: dict) -> str:
+    ci = metric.get("ci") or []
+    return f"{metric['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if len(ci) == 2 else "")
+
+
+def main(argv: list[str]) -> int:
+    rows, best = [], []
+    for arg in argv:
+        name, _, path = arg.partition("=")
+        report = json.loads((Path(path) / "report.json").read_text())
+        for entry, a in report["attacks"].items():
+            spec = (a.get("metrics_spec") or a["metrics"])["auc"]["value"]
+            inverted = (a.get("orientation") or {}).get("inverted", False)
+            rows.append([name, entry, a.get("release", "-"), f"{spec:.3f}", fmt_ci(a["metrics"]["auc"]),
+                         "yes" if inverted else "no", fmt_ci(a["metrics"]["tpr@1%fpr"])])
+        b = report["summary"]["best_attack"]
+        best.append(f"- {name}: best attack **{b['name']}** AUC {fmt_ci(b['auc'])}, TPR@1%FPR {fmt_ci(b['tpr@1%fpr'])}"
+                    + (f"; privacy {report['privacy'].get('epsilon'):.3f}-DP" if report.get("privacy") else ""))
+    cols = ["run", "attack entry", "release", "spec-direction AUC", "oriented AUC [95% CI]", "inverted", "TPR@1%FPR [95% CI]"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+    print("\n".join(best))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
