@@ -32,6 +32,9 @@ and (for a run folder) the LoRA's privacy card. Under `accelerate launch` the at
 
 OWN_KEYS = ("run", "model", "lora", "members", "nonmembers", "out", "overwrite")
 PRIVACY_FILE = "privacy.json"
+LEGACY_DP_CAVEAT = ("this run was trained by a privtune that drew the Poisson batches from the public run seed: anyone who "
+                    "knows the seed and the data knows every batch, and the budget without amplification by subsampling "
+                    "is several times larger; re-train it for secret batches")
 REPORT_FILE = "report.json"
 
 
@@ -114,10 +117,14 @@ def read_privacy(run: Path | None) -> dict | None:
     if run is None or not (run / PRIVACY_FILE).is_file():
         return None
     try:
-        return json.loads((run / PRIVACY_FILE).read_text())
+        privacy = json.loads((run / PRIVACY_FILE).read_text())
     except ValueError as exc:
         raise DataError(f"{run / PRIVACY_FILE} is not valid JSON ({exc}); restore it from the run's backup, since the "
                         "card would otherwise lose the run's differential-privacy guarantee") from exc
+    if "secret_sampling" not in privacy:
+        privacy.setdefault("caveats", []).append(LEGACY_DP_CAVEAT)
+        privacy["secret_sampling"] = False
+    return privacy
 
 
 def _flag(value: str | None) -> bool:

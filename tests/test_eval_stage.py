@@ -161,3 +161,15 @@ def test_reevaluating_a_dp_run_keeps_its_guarantee(tmp_path, base_model):
     card = (run / "lora" / "README.md").read_text()
     assert "No formal guarantee" not in card and f"ε = {eps:.4g}" in card
     assert json.loads((run / "report.json").read_text())["privacy"]["epsilon"] == pytest.approx(eps)
+
+
+def test_privacy_record_of_an_older_dp_run_gets_its_caveat(tmp_path):
+    from privtune.evaluate import read_privacy
+
+    (tmp_path / "privacy.json").write_text(json.dumps({"epsilon": 8.0, "delta": 1e-3, "accountant": "rdp"}))
+    privacy = read_privacy(tmp_path)
+    assert privacy["epsilon"] == 8.0 and not privacy["secret_sampling"]
+    assert any("public run seed" in c for c in privacy["caveats"])
+    (tmp_path / "privacy.json").write_text(json.dumps({"epsilon": 8.0, "secret_sampling": True, "caveats": []}))
+    assert read_privacy(tmp_path)["caveats"] == []
+    assert read_privacy(None) is None
