@@ -124,6 +124,11 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def flat(cfg: DictConfig) -> dict[str, Any]:
     """Dotted keys -> scalars, for trackers that want a flat hyper-parameter table."""
+    return flatten(to_container(cfg))
+
+
+def flatten(container: Any) -> dict[str, Any]:
+    """Dotted keys -> scalars of a plain nested dict (non-scalar leaves as strings)."""
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -133,7 +138,7 @@ def flat(cfg: DictConfig) -> dict[str, Any]:
         else:
             out[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) or node is None else str(node)
 
-    walk(to_container(cfg), "")
+    walk(container, "")
     return out
 
 

@@ -146,18 +146,10 @@ def scrub_config(container: Any, private: Mapping[str, Iterable[str]] | None = N
 
 
 def flatten(container: Mapping[str, Any]) -> dict[str, Any]:
-    """Dotted keys -> scalars (as privtune.config.flat), for trackers that want a flat table."""
-    out: dict[str, Any] = {}
+    """Dotted keys -> scalars (privtune.config.flatten), for trackers that want a flat table."""
+    from .config import flatten as flatten_container
 
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            out[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) or node is None else str(node)
-
-    walk(container, "")
-    return out
+    return flatten_container(dict(container))
 
 
 def tracker_hparams(cfg, private: Mapping[str, Iterable[str]] | None = None) -> dict[str, Any]:
