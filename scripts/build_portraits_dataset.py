@@ -27,8 +27,8 @@ imported inside the functions that render, so this module's constants import wit
 Same seed and the pinned versions (PINNED; Pillow / pyarrow / datasets recorded in README.md) give the
 same parquet bytes.
 
-Usage: python scripts/build_portraits_dataset.py [--out privtune/assets/portraits] [--per-subset N]
-       [--resolution 32] [--sheet-only]
+Usage: python scripts/build_portraits_dataset.py [--out DIR] [--per-subset N] [--resolution 32] [--no-sheet]
+       python scripts/build_portraits_dataset.py --compare-resolutions 32 64   (legibility probe only)
 """
 
 from __future__ import annotations
@@ -398,12 +398,12 @@ def contact_sheet(rows: list[dict], path: Path, per_subset: int = 10, scale: int
 
 
 def summarize(rows: list[dict]) -> dict:
-    out = {"rows": len(rows), "subsets": {}, "unique_captions": len({r["caption"] for r in rows})}
+    out = {"rows": len(rows), "unique_captions": len({r["caption"] for r in rows}), "subsets": {}}
     for subset in SUBSETS:
         sub = [r for r in rows if r["subset"] == subset]
         out["subsets"][subset] = {"rows": len(sub), "groups": len({r["group"] for r in sub}),
-                                  "styles": sorted({r["style"] for r in sub})}
-    out["slot_values"] = {s: dict(sorted(_count(rows, s).items())) for s in SLOTS}
+                                  "styles": dict(sorted(_count(sub, "style").items()))}
+    out["slot_values"] = {s: dict(sorted(_count(rows, s).items(), key=lambda kv: -kv[1])) for s in SLOTS}
     return out
 
 
@@ -414,15 +414,49 @@ def _count(rows, key):
     return counts
 
 
+def legibility_probe(rows: list[dict], pngs: list[bytes]) -> dict:
+    """Per style and slot: test accuracy of a logistic regression on raw pixels (80/20 split).
+
+    A deliberately weak reader: if a linear model on a few hundred images per style reads a slot, the
+    slot is legible at this resolution.
+    """
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.float32).ravel() / 255 for b in pngs])
+    order = np.random.default_rng(0).permutation(len(rows))
+    test = np.zeros(len(rows), bool)
+    test[order[: len(rows) // 5]] = True
+    styles = np.array([r["style"] for r in rows])
+    result: dict = {}
+    for slot in SLOTS[1:]:
+        y = np.array([r[slot] for r in rows])
+        result[slot] = {}
+        for style in sorted(set(styles)):
+            tr, te = (styles == style) & ~test, (styles == style) & test
+            if len(set(y[tr])) < 2 or not te.any():
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf = LogisticRegression(max_iter=300).fit(x[tr], y[tr])
+            result[slot][style] = round(float((clf.predict(x[te]) == y[te]).mean()), 3)
+    return result
+
+
 def write_notice(path: Path, licenses: dict) -> None:
     lines = [
         "privtune embedded portraits data set (privtune/assets/portraits/portraits.parquet)",
         "",
         "The images are avatars generated with DiceBear (https://www.dicebear.com) from the style",
         "definitions of the `dicebear-styles` package, recoloured through DiceBear options and",
-        "rasterised to PNG by scripts/build_portraits_dataset.py. Changes: colours, parts and",
-        "backgrounds were chosen by the build script; the vector artwork was rendered to small",
-        "raster images and captioned. Each row's `license` column names the licence of its style.",
+        "rasterised to PNG by scripts/build_portraits_dataset.py. Changes made: colours, parts and",
+        "backgrounds were chosen by the build script, the vector artwork was rendered to small raster",
+        "images (one style zoomed to head and shoulders) and captioned. Each row's `license` column",
+        "names the licence of its style.",
         "",
     ]
     for name in sorted(licenses, key=lambda n: (licenses[n]["spdx"] != "CC-BY-4.0", n)):
@@ -443,28 +477,199 @@ def write_notice(path: Path, licenses: dict) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def write_readme(path: Path, summary: dict, licenses: dict, probe: dict) -> None:
+    sizes = summary["subsets"]
+    styles = [PRIVATE_STYLE, *BASE_STYLES]
+    v = summary["versions"]
+    lines = [
+        "# Embedded portraits data set",
+        "",
+        "Procedurally generated cartoon portraits for fine-tuning a tiny Stable-Diffusion-architecture",
+        "model where there is something to learn: a new drawing style (the private style) and exact,",
+        "compositional captions whose every attribute can be read off the image at "
+        f"{summary['resolution']} px.",
+        "Built by `scripts/build_portraits_dataset.py` (see its docstring); nothing here is downloaded at",
+        "run time, and the build dependencies (`pip install '.[build-data]'`) are never imported by privtune.",
+        "",
+        f"![contact sheet](contact_sheet.png) (`contact_sheet.png`: ten rows of each subset, shown 2x)",
+        "",
+        "## Provenance and licences",
+        "",
+        "Avatars by [DiceBear](https://www.dicebear.com): the style definitions of `dicebear-styles`",
+        "rendered with the Python port `dicebear-core` (MIT) from a seed and explicit options, the SVG",
+        "rasterised with `resvg-py` at 4x and box-filtered down to "
+        f"{summary['resolution']} x {summary['resolution']} RGB, saved as optimised PNG.",
+        "Only styles whose licence allows redistribution are used: CC0 1.0 first, CC BY 4.0 with the",
+        "attribution in [`NOTICE`](NOTICE) (shipped with the package). Styles under other terms (e.g.",
+        "avataaars / bottts, \"free for personal and commercial use\") are excluded. Licence metadata is",
+        "read from each style definition's `meta.license` at build time and kept per row (`license`).",
+        "",
+    ]
+    lines += _table(["style (caption)", "DiceBear style", "subsets", "licence", "artist"],
+                    [[STYLES[n].words, f"`{n}`", "pool, dp_pool, utility" if n == PRIVATE_STYLE else
+                      "base, base_heldout, utility", licenses[n]["spdx"], licenses[n]["creator"].get("name", "?")]
+                     for n in styles])
+    lines += [
+        "",
+        "Versions used for the shipped file (same seed and these versions give the same parquet bytes;",
+        "the script stops on other versions of the pinned three unless given `--any-version`):",
+        "",
+    ]
+    lines += [f"- {k} {v[k]}" + (" (pinned)" if k in PINNED else "") for k in (*PINNED, *RECORDED)]
+    lines += [
+        "",
+        "## Captions",
+        "",
+        "One fixed template, slots always in this order (placeholders are the column names):",
+        "",
+        "    " + TEMPLATE,
+        "",
+        "e.g. `" + summary["example_caption"] + "`.",
+        "Every slot value is chosen by the build script (seeded), passed to DiceBear explicitly, and stored",
+        "in its own column, so captions are exact and `parse_caption` in the script inverts them.",
+        "Colours are the script's own palettes (one hex per name, shared by all styles), not DiceBear's.",
+        "Hair length is a fixed classification of each style's hair variants; variants that are",
+        "ambiguous at 32 px, bald, hidden under a hat, or drawn in their own colour are never used.",
+        "Eyes, mouth, nose, beard, earrings etc. are left to DiceBear's seeded PRNG and not captioned.",
+        "",
+    ]
+    slot_rows = []
+    palettes = {"hair_color": HAIR, "skin_tone": SKIN, "shirt_color": SHIRT, "background_color": BACKGROUND}
+    for slot in SLOTS:
+        counts = summary["slot_values"][slot]
+        pal = palettes.get(slot, {})
+        vals = ", ".join(f"{k} ({pal[k]}) {n}" if k in pal else f"{k} {n}" for k, n in counts.items())
+        slot_rows.append([f"`{slot}`", vals])
+    lines += _table(["slot", "values (hex) and rows"], slot_rows)
+    lines += [
+        "",
+        "Per-style support: `sunglasses` exists only in pixel art and voxel art (micah and miniavs have",
+        "no sunglasses; personas' sunglasses look like its glasses at this size, so it has glasses only).",
+        "Within a style no combination is drawn twice, so **all "
+        f"{summary['unique_captions']} captions are unique** ({summary['rows']} rows).",
+        "Captions are at most ~20 words (fits a 32-token CLIP text encoder; check after re-learning the",
+        "tokenizer).",
+        "",
+        "## Subsets",
+        "",
+    ]
+    desc = {
+        "base": "base styles, random combinations except the held-out pairs; pre-training the tiny base model",
+        "base_heldout": "base styles with exactly the held-out (hair colour, shirt colour) pairs (CLEVR-CoGenT style)",
+        "pool": "private style only: identities (`group`) with 1-3 renders each (other shirt / background "
+                "colour); member / non-member fine-tuning draws",
+        "dp_pool": "private style: more identities, one render each, for a DP-scale recipe",
+        "utility": "fresh renders of every style, all combinations (held-out pairs included); attribute classifier",
+    }
+    lines += _table(["subset", "rows", "groups", "styles (rows)", "use"],
+                    [[f"`{k}`", sizes[k]["rows"], sizes[k]["groups"],
+                      ", ".join(f"{s} {n}" for s, n in sizes[k]["styles"].items()), desc[k]] for k in SUBSETS])
+    lines += [
+        "",
+        "- Private style: pixel art (CC0; the most legible style at 32 px, and drawn unlike every base style,",
+        "  so fine-tuning has a new style to learn while the colour / eyewear / hair words carry over from base).",
+        "- Subsets are disjoint by `id` and by `group`; the private style (pixel art) never appears in",
+        "  `base` / `base_heldout`, and no base-style row outside `base_heldout` / `utility` has a held-out pair.",
+        "- Held-out (hair colour, shirt colour) pairs, never in `base`: "
+        + ", ".join(f"{h} hair + {c} shirt" for h, c in HELDOUT_PAIRS) + ".",
+        "- `group`: the identity for pool / dp_pool / private-style utility rows (an identity = one DiceBear",
+        "  seed for the face parts plus fixed hair colour and length, skin, eyewear, glasses and clothes cut);",
+        "  each base-style row is its own group. Pool renders of one identity share everything but the",
+        "  shirt and background colours. Identities are spread evenly over the 144 (hair colour, length,",
+        "  skin, eyewear) classes.",
+        "",
+        "## Resolution: " + f"{summary['resolution']} px",
+        "",
+        "Contact sheets at 32 and 64 px were compared by eye, and a deliberately weak reader was trained",
+        "per style and slot: logistic regression on raw pixels of the utility subset (80/20 split, a few",
+        "hundred images per style; `--compare-resolutions 32 64` reruns it). Test accuracy at the built",
+        "resolution:",
+        "",
+    ]
+    probe_styles = sorted({s for d in probe.values() for s in d})
+    lines += _table(["slot", *probe_styles], [[slot, *[probe[slot].get(s, "-") for s in probe_styles]]
+                                              for slot in SLOTS[1:]])
+    lines += [
+        "",
+        "The same probe on the same rows rendered at 64 px scored within 0.01 of these numbers on every slot",
+        "and style (pixel-art hair length 0.931 at 64 px vs 0.938 at 32 px; personas 0.947 at both): more",
+        "pixels do not make any caption slot easier to read. The weakest cells (hair length in pixel art and",
+        "personas, ~0.94) are a linear model's limit; with 1800 training images the pixel-art probe reaches",
+        "0.965, errors spread over many variants. By eye, 32 px keeps hair / skin / shirt / background",
+        "colours, hair length and glasses legible in every style (pixel art is exactly 2x its 16x16 grid,",
+        "so lossless); 64 px mainly adds eye and mouth detail, which no caption slot uses. 32 px was chosen:",
+        "it matches the",
+        "existing tiny model (32 px images, 8x8 latents), costs a quarter of the compute of 64 px on CPU,",
+        "and halves the file. Rebuild with `--resolution 64` if a larger model wants it.",
+        "",
+        "## Files and columns",
+        "",
+        f"- `portraits.parquet`: {summary['rows']} rows, {summary['parquet_bytes'] / 1e6:.1f} MB; build time "
+        f"{summary['build_seconds']:.0f} s on one CPU core.",
+        "- `NOTICE`: attributions (required for the CC BY 4.0 styles), `contact_sheet.png`, this README.",
+        "",
+        "Columns: `image` (PNG bytes, RGB, the style drawn on its background colour), `caption`, `id` (unique),",
+        "`group`, `subset`, one column per slot (" + ", ".join(f"`{s}`" for s in SLOTS) + "), `license`",
+        "(SPDX id of the style), `dicebear_style`, `seed` (the DiceBear seed) and `options` (the JSON",
+        "DiceBear options the image was rendered from, seed included).",
+        "",
+        "    import datasets",
+        "    ds = datasets.Dataset.from_parquet(\"privtune/assets/portraits/portraits.parquet\")",
+        "    pool = ds.filter(lambda s: s == \"pool\", input_columns=\"subset\")",
+        "",
+        "Rebuild: `pip install '.[build-data]' && OMP_NUM_THREADS=1 python scripts/build_portraits_dataset.py`",
+        "(`--per-subset N` builds a small slice elsewhere with `--out DIR`).",
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def order_rows(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (SUBSETS.index(r["subset"]), r["id"]))
+
+
+def render_rows(rows: list[dict], resolution: int) -> list[bytes]:
+    return [render_png(r["dicebear_style"], json.loads(r["options"]), resolution) for r in rows]
+
+
 def build(out: Path, per_subset: int | None = None, resolution: int = RESOLUTION, sheet: bool = True,
-          strict_versions: bool = True) -> dict:
-    """Render and write the parquet (+ contact sheet). Returns the summary."""
+          strict_versions: bool = True, probe: bool = True, readme: bool = True) -> dict:
+    """Render and write the parquet, NOTICE (+ contact sheet, README). Returns the summary."""
     versions = check_versions(strict_versions)
     licenses = {name: license_info(name) for name in (PRIVATE_STYLE, *BASE_STYLES)}
     t0 = time.time()
-    rows = plan_rows(scaled_sizes(per_subset))
-    for r in rows:
+    rows = order_rows(plan_rows(scaled_sizes(per_subset)))
+    for r, png in zip(rows, render_rows(rows, resolution)):
         r["license"] = licenses[r["dicebear_style"]]["spdx"]
-        opts = json.loads(r["options"])
-        r["seed"] = opts["seed"]
-        r["png"] = render_png(r["dicebear_style"], opts, resolution)
+        r["seed"] = json.loads(r["options"])["seed"]
+        r["png"] = png
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(rows, out / "portraits.parquet")
+    build_seconds = time.time() - t0
     if sheet:
         contact_sheet(rows, out / "contact_sheet.png")
     write_notice(out / "NOTICE", licenses)
     summary = summarize(rows)
-    summary.update(resolution=resolution, build_seconds=round(time.time() - t0, 1), versions=versions,
-                   parquet_bytes=(out / "portraits.parquet").stat().st_size,
+    summary.update(resolution=resolution, build_seconds=round(build_seconds, 1), versions=versions,
+                   parquet_bytes=(out / "portraits.parquet").stat().st_size, example_caption=rows[0]["caption"],
                    licenses={STYLES[n].words: licenses[n]["spdx"] for n in licenses})
+    if probe:
+        util = [r for r in rows if r["subset"] == "utility"]
+        summary["probe"] = legibility_probe(util, [r["png"] for r in util])
+    if readme:
+        write_readme(out / "README.md", summary, licenses, summary.get("probe", {}))
     return summary
+
+
+def compare_resolutions(resolutions: list[int]) -> dict:
+    """The legibility probe on the utility subset rendered at each resolution (nothing written)."""
+    rows = [r for r in order_rows(plan_rows(SIZES)) if r["subset"] == "utility"]
+    return {res: legibility_probe(rows, render_rows(rows, res)) for res in resolutions}
 
 
 def main(argv=None) -> None:
@@ -473,10 +678,22 @@ def main(argv=None) -> None:
     parser.add_argument("--per-subset", type=int, default=0, help="build about N rows per subset (0 = full)")
     parser.add_argument("--resolution", type=int, default=RESOLUTION)
     parser.add_argument("--no-sheet", action="store_true", help="skip the contact sheet")
+    parser.add_argument("--no-probe", action="store_true", help="skip the legibility probe (and README numbers)")
     parser.add_argument("--any-version", action="store_true", help="warn instead of stopping on unpinned versions")
+    parser.add_argument("--compare-resolutions", type=int, nargs="+", metavar="PX",
+                        help="only run the legibility probe on the utility subset at these resolutions")
     args = parser.parse_args(argv)
-    summary = build(Path(args.out), args.per_subset or None, args.resolution, not args.no_sheet, not args.any_version)
+    if args.compare_resolutions:
+        check_versions(not args.any_version)
+        print(json.dumps(compare_resolutions(args.compare_resolutions), indent=2))
+        return
+    out = Path(args.out)
+    full = not args.per_subset
+    summary = build(out, args.per_subset or None, args.resolution, not args.no_sheet, not args.any_version,
+                    probe=not args.no_probe, readme=full or out.resolve() != OUT.resolve())
     print(json.dumps(summary, indent=2))
+    print(f"built {summary['rows']} rows in {summary['build_seconds']:.1f} s -> {out / 'portraits.parquet'} "
+          f"({summary['parquet_bytes'] / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":

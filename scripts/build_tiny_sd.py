@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="guidance scales tried on the first 64 eval captions; the best is used for the full score")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--limit", type=int, default=0, help="use only the first N base rows (smoke tests)")
+    p.add_argument("--portraits-eval", type=int, default=256,
+                   help="portraits data: base_heldout captions generated and read by the attribute classifier (0 skips)")
     return p.parse_args(argv)
 
 
@@ -186,17 +188,34 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, vocab, merges):
     return pipe
 
 
+def portraits_eval(pipe, data: str, n: int, steps: int, guidance: float, seed: int, out: Path, log) -> dict:
+    """Generate for `n` held-out-combination captions (`base_heldout`) and read them with the attribute classifier."""
+    import datasets
+
+    from privtune.eval.portraits import portrait_utility
+
+    held = datasets.Dataset.from_parquet(data).filter(lambda s: s == "base_heldout", input_columns="subset")
+    held = held.select(range(min(n, len(held))))
+    real = recognition.to_uint8(list(held["image"]))
+    generated = recognition.generate(pipe, list(held["caption"]), steps=steps, guidance=guidance, seed=seed)
+    scores = portrait_utility(generated, list(held["caption"]), list(held["image"]))
+    scores.update(steps=steps, guidance=guidance, seed=seed, subset="base_heldout")
+    recognition.contact_sheet(real[:64], generated[:64], out / "contact_sheet.png")
+    log(f"portraits eval (guidance {guidance}): slot accuracy {scores['slot_accuracy']}, all-correct {scores['all_slots_correct']:.3f}")
+    return scores
+
+
 def write_build_md(out: Path, args, argv, counts, losses, scores, timings, factor) -> None:
     """Record how the model was made: architecture, sizes, steps, timings, losses and recognisability."""
     cfg = tiny.TINY
     size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     cmd = "python scripts/build_tiny_sd.py" + ("" if not argv else " " + " ".join(argv))
     lines = [
-        "# tiny-sd: privtune's embedded default base model",
+        f"# {out.name}: a tiny Stable Diffusion base model embedded in privtune",
         "",
         "A tiny Stable-Diffusion-architecture pipeline (standard diffusers/transformers classes) pre-trained",
-        "from scratch on the `base` split of `privtune/assets/emoji` (1502 emoji, 32x32). The `pool` split",
-        "was not used: it is reserved for member / non-member fine-tuning draws. Built by",
+        f"from scratch on the `base` split of `{Path(args.data).parent.name}` ({counts['base_rows']} images, 32x32). No "
+        "other split was used: `pool` (and `dp_pool`) are reserved for member / non-member fine-tuning draws. Built by",
         "`scripts/build_tiny_sd.py` (`privtune/models/tiny.py` holds the hyper-parameters).",
         "",
         "## Architecture",
@@ -210,7 +229,7 @@ def write_build_md(out: Path, args, argv, counts, losses, scores, timings, facto
         f"- CLIPTextModel: {counts['text_encoder']:,} parameters; hidden {cfg.text_hidden}, {cfg.text_layers} layers, "
         f"{cfg.text_heads} heads, max length {cfg.max_length}. Trained jointly with the UNet here; frozen by all later "
         "fine-tuning.",
-        f"- CLIPTokenizer: byte-level BPE learned from all {counts['captions']} captions of the emoji data set "
+        f"- CLIPTokenizer: byte-level BPE learned from all {counts['captions']} captions of the data set "
         f"(vocab {counts['vocab']}, {counts['merges']} merges); every caption word is one token, unknown words fall "
         "back to byte pieces.",
         f"- Scheduler: DDIMScheduler saved with the pipeline; SD betas ({cfg.beta_schedule}, {cfg.beta_start} -> "
@@ -233,7 +252,21 @@ def write_build_md(out: Path, args, argv, counts, losses, scores, timings, facto
         f"mode) {losses['vae_recon_mse_mode_all_base']:.4f}.",
         f"- Final UNet epsilon MSE (last 100 steps): {losses['unet_train_eps_mse_last100']:.4f}.",
     ]
-    if scores:
+    if scores.get("slot_accuracy"):
+        chance, ceiling = scores.get("slot_chance", {}), scores.get("slot_ceiling", {})
+        lines += [
+            f"- Held-out caption combinations (`base_heldout`, hair x shirt colour pairs never in `base`): one generation "
+            f"per caption for {scores['n_generations']} captions (DDIM {scores['steps']} steps, guidance {scores['guidance']}, "
+            f"seed {scores['seed']}), read by the attribute classifier (`privtune/assets/portraits/classifier`):",
+            "",
+            "| slot | accuracy | chance (majority) | classifier ceiling |",
+            "|---|---|---|---|",
+            *[f"| {k} | {v:.3f} | {chance.get(k, float('nan')):.3f} | {ceiling.get(k, float('nan')):.3f} |"
+              for k, v in scores["slot_accuracy"].items()],
+            "",
+            f"  All slots but style correct: {scores['all_slots_correct']:.3f}. `contact_sheet.png`: real | generated pairs.",
+        ]
+    elif scores:
         lines += [
             f"- Recognisability (`privtune.models.recognition`): one generation per caption for {scores['n_queries']} "
             f"fixed base captions (DDIM {scores['steps']} steps, guidance {scores['guidance']}, seed {scores['seed']}), "
@@ -288,7 +321,7 @@ def main(argv=None) -> dict:
     text_encoder = tiny.build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, seed=args.seed)
     counts = {"unet": tiny.count_parameters(unet), "vae": tiny.count_parameters(vae),
               "text_encoder": tiny.count_parameters(text_encoder), "captions": len(captions),
-              "vocab": len(vocab), "merges": len(merges)}
+              "vocab": len(vocab), "merges": len(merges), "base_rows": len(base_captions)}
     log(f"parameters: {counts}")
 
     t = time.time()
@@ -303,7 +336,18 @@ def main(argv=None) -> dict:
 
     pipe = save_pipeline(out, vae, text_encoder, tokenizer, unet, vocab, merges)
     scores: dict = {}
-    if args.eval_captions > 0:
+    if "skin_tone" in __import__("datasets").Dataset.from_parquet(args.data).column_names:
+        if args.portraits_eval > 0:
+            t = time.time()
+            sweep = {}
+            for guidance in args.eval_guidance:
+                s = portraits_eval(pipe, args.data, 64, args.eval_steps, guidance, args.seed, out, log)
+                sweep[guidance] = float(np.mean(list(s["slot_accuracy"].values())))
+            best = max(sweep, key=sweep.get)
+            scores = portraits_eval(pipe, args.data, args.portraits_eval, args.eval_steps, best, args.seed, out, log)
+            scores["guidance_sweep_first64_mean_slot_accuracy"] = sweep
+            timings["eval"] = time.time() - t
+    elif args.eval_captions > 0:
         t = time.time()
         query = recognition.sample_indices(len(base_captions), args.eval_captions, seed=args.seed)
         sweep = {}

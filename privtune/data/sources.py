@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..embedded import EMBEDDED, embedded, is_embedded
 from ..errors import DataError
 
-EMBEDDED_DATA = Path(__file__).resolve().parent.parent / "assets" / "emoji" / "emoji.parquet"
+EMBEDDED_DATA = EMBEDDED["emoji"].data
 
 
 @dataclass
@@ -68,11 +69,12 @@ def _open_dataset(data_cfg):
     import datasets
 
     source = str(data_cfg.source)
-    if source == "embedded":
-        ds = datasets.Dataset.from_parquet(str(EMBEDDED_DATA))
+    if is_embedded(source):
+        bench = embedded(source)
+        ds = datasets.Dataset.from_parquet(str(bench.data))
         if data_cfg.subset:
             ds = ds.filter(lambda s: s == data_cfg.subset, input_columns="subset")
-        return ds, f"embedded emoji set ({data_cfg.subset or 'all'} subset)"
+        return ds, f"{bench.description} ({data_cfg.subset or 'all'} subset)"
     path = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or path.exists() or "/" not in source or source.count("/") > 1
     if path.is_dir():
@@ -82,7 +84,7 @@ def _open_dataset(data_cfg):
             raise DataError(f"cannot read the image folder {path}: {exc}. It needs images and a metadata.jsonl with file_name and caption columns") from exc
         return ds, f"imagefolder {path}"
     if looks_local:
-        raise DataError(f"data path {source!r} does not exist; set data.source to an image folder with a metadata.jsonl, a hub data set name, or 'embedded'")
+        raise DataError(f"data path {source!r} does not exist; set data.source to an image folder with a metadata.jsonl, a hub data set name, or 'embedded' (embedded:emoji, embedded:portraits)")
     try:
         ds = datasets.load_dataset(source, split=data_cfg.hub_split)
     except Exception as exc:

@@ -336,6 +336,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         rows += [[k, fmt_num(v["run"]), fmt_num(v["baseline"]), fmt_delta(v["delta"])] for k, v in (comp.get("utility") or {}).items()]
         out += [md_table(["Metric", "This run", "Baseline", "Change"], rows), ""]
     plots = ["![ROC curves](plots/roc.png)", *[f"![{n} scores](plots/{score_plot_name(n)})" for n in report.get("attacks") or {}]]
+    if (report.get("utility") or {}).get("grid"):
+        plots.insert(0, f"![held-out image | base model | LoRA, same held-out captions](plots/{report['utility']['grid']})")
     out += ["## Plots", "", *plots, ""]
     out += ["## Reproduce", "", "```bash", str(report.get("command", "")), "```", ""]
     if report.get("evaluation_command"):

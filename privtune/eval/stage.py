@@ -160,9 +160,14 @@ def _deployed_sections(cfg, components, unet, predictor, alphas, members, nonmem
                 from ..memorization.sampling import apply_sampling_options
 
                 pipe = apply_sampling_options(pipe, cfg.sampling)
+            from ..embedded import embedded, is_embedded
+
+            bench = embedded(cfg.data.source).name if is_embedded(cfg.data.source) else None
+            grid = Path(run_dir) / "plots" / "generations.png" if write else None
             utility = compute_utility(predictor=predictor, members=members, nonmembers=nonmembers, alphas_cumprod=alphas,
                                       pipe=pipe, nonmember_records=split.nonmembers, eval_cfg=ev,
-                                      embedded=str(cfg.model.base) == "embedded", seed=int(cfg.seed))
+                                      embedded=is_embedded(cfg.model.base), seed=int(cfg.seed), benchmark=bench,
+                                      grid_path=grid)
         command = command or command_line()
         report = build_report(config=to_container(cfg), attacks_result=result, utility=utility, privacy=privacy,
                               split_sizes={"members": len(split.members), "nonmembers": len(split.nonmembers)},
@@ -218,8 +223,10 @@ def token_lengths(tokenizer, records) -> dict[str, int]:
 
 def base_model_name(cfg) -> str:
     base = str(cfg.model.base)
-    if base == "embedded":
-        return "privtune/tiny-sd (embedded)"
+    from ..embedded import embedded, is_embedded
+
+    if is_embedded(base):
+        return f"privtune/{embedded(base).model.name} (embedded)"
     return "<local checkpoint>" if Path(base).exists() else base
 
 

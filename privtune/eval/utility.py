@@ -1,12 +1,17 @@
-"""What a defense cost: held-out denoising loss, prompt fidelity and a Frechet distance of generations.
+"""What a defense cost: held-out denoising loss, and whether generations show what captions ask.
 
-Held-out loss works on any checkpoint. The generation metrics use a fixed, training-free feature
-space (privtune.models.recognition: coarse pixels + a foreground colour histogram) suited to the
-embedded 32x32 emoji set; for real checkpoints FID/KID/CLIP need Inception / CLIP weights, which
-privtune never downloads, so the report says they were skipped and why.
+Held-out loss works on any checkpoint. On the embedded portraits benchmark, generations from held-out
+(non-member) captions are read by the shipped attribute classifier (privtune.eval.portraits: style and
+per-slot accuracy, FD / KID in its features), for the LoRA and for the base model alone, so "did the
+LoRA learn the style?" is a before / after number. On the embedded emoji set the generation metrics
+use a fixed, training-free feature space (privtune.models.recognition). For real checkpoints FID/KID/
+CLIP need Inception / CLIP weights, which privtune never downloads, so the report says they were
+skipped and why.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,15 +62,63 @@ def generation_metrics(pipe, records, n: int, steps: int, guidance: float, seed:
     }
 
 
+def portraits_metrics(pipe, records, n: int, steps: int, guidance: float, seed: int = 0, grid_path=None) -> dict:
+    """Style / slot accuracy and FD / KID of generations from the first n held-out captions, for the LoRA
+    and for the base model (LoRA bypassed), against the held-out real images; a base | LoRA grid when asked."""
+    from ..models.lora import adapters_disabled
+    from .portraits import portrait_utility
+
+    chosen = records[:n]
+    captions = [r.caption for r in chosen]
+    reference = [r.image for r in records]
+    lora = recognition.generate(pipe, captions, steps=steps, guidance=guidance, seed=seed)
+    with adapters_disabled(pipe.unet):
+        base = recognition.generate(pipe, captions, steps=steps, guidance=guidance, seed=seed)
+    out = portrait_utility(lora, captions, reference)
+    before = portrait_utility(base, captions, reference)
+    out["base_model"] = {k: before[k] for k in ("style_accuracy", "slot_accuracy", "all_slots_correct", "frechet_distance", "kid")}
+    out["inference"] = {"steps": steps, "guidance": guidance, "seed": seed}
+    if grid_path is not None:
+        real = recognition.to_uint8([r.image for r in chosen[:16]])
+        generations_grid(real, base[:16], lora[:16], grid_path)
+        out["grid"] = str(Path(grid_path).name)
+    return out
+
+
+def generations_grid(real: np.ndarray, base: np.ndarray, lora: np.ndarray, path) -> None:
+    """Rows real | base model | LoRA for the same held-out captions, 4x enlarged, labelled."""
+    from PIL import Image, ImageDraw
+
+    from ..io import atomic_path
+
+    scale, pad, label_w = 3, 2, 70
+    n, h, w = len(real), real.shape[1] * scale, real.shape[2] * scale
+    sheet = Image.new("RGB", (label_w + n * (w + pad), 3 * (h + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (name, images) in enumerate((("held-out\nimage", real), ("base\nmodel", base), ("LoRA", lora))):
+        draw.multiline_text((4, row * (h + pad) + h // 3), name, fill="black")
+        for i, im in enumerate(images):
+            tile = Image.fromarray(im).resize((w, h), Image.NEAREST)
+            sheet.paste(tile, (label_w + i * (w + pad), row * (h + pad)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
 def compute_utility(*, predictor, members: EncodedSamples, nonmembers: EncodedSamples, alphas_cumprod, pipe,
-                    nonmember_records, eval_cfg, embedded: bool, seed: int = 0) -> dict:
+                    nonmember_records, eval_cfg, embedded: bool, seed: int = 0, benchmark: str | None = None,
+                    grid_path=None) -> dict:
     out = {
         "heldout_denoising_loss": denoising_loss(predictor, nonmembers, alphas_cumprod, seed),
         "member_denoising_loss": denoising_loss(predictor, members, alphas_cumprod, seed),
         "loss_timesteps": list(LOSS_TIMESTEPS),
     }
     out["generalization_gap"] = out["heldout_denoising_loss"] - out["member_denoising_loss"]
-    if embedded and pipe is not None and nonmember_records:
+    if benchmark == "portraits" and pipe is not None and nonmember_records:
+        out.update(portraits_metrics(pipe, nonmember_records, int(eval_cfg.utility_generations),
+                                     int(eval_cfg.utility_inference_steps), float(eval_cfg.utility_guidance_scale), seed,
+                                     grid_path))
+    elif embedded and pipe is not None and nonmember_records:
         out.update(generation_metrics(pipe, nonmember_records, int(eval_cfg.utility_generations),
                                       int(eval_cfg.utility_inference_steps), float(eval_cfg.utility_guidance_scale), seed))
     elif not embedded:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from ..embedded import EMBEDDED, embedded, is_embedded
 from ..errors import ModelError
 
-EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd"
+EMBEDDED_MODEL = EMBEDDED["emoji"].model
 
 
 @dataclass
@@ -32,10 +33,11 @@ class Components:
 
 
 def resolve_base(base: str) -> str:
-    if base == "embedded":
-        if not (EMBEDDED_MODEL / "model_index.json").is_file():
-            raise ModelError(f"the embedded model is missing at {EMBEDDED_MODEL}; rebuild it with scripts/build_tiny_sd.py")
-        return str(EMBEDDED_MODEL)
+    if is_embedded(base):
+        model = embedded(base).model
+        if not (model / "model_index.json").is_file():
+            raise ModelError(f"the embedded model is missing at {model}; rebuild it with scripts/build_tiny_sd.py")
+        return str(model)
     path = Path(base).expanduser()
     if base.startswith((".", "/", "~")) and not path.exists():
         raise ModelError(f"model.base {base!r} does not exist; pass a diffusers folder, a hub id, or 'embedded'")

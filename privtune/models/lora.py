@@ -7,6 +7,8 @@ reaches much further into the network and memorizes (and so is attacked) far mor
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..errors import ConfigError
@@ -125,6 +127,20 @@ def use_adapter(model: torch.nn.Module, name: str, layers: list | None = None) -
         m.set_adapter(name)
     for p, flag in flags:
         p.requires_grad_(flag)
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """The base model alone: every LoRA layer bypassed (peft's `enable_adapters(False)`), restored on exit."""
+    layers = tuner_layers(model)
+    before = [m.disable_adapters for m in layers]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m, was_disabled in zip(layers, before):
+            m.enable_adapters(not was_disabled)
 
 
 def active_adapter(model: torch.nn.Module) -> str:
