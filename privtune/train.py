@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     except PrivtuneError as exc:
         print(f"privtune: error: {exc}", file=sys.stderr)
         return 2
+    report = getattr(trainer, "report", None)
+    if report:
+        from .eval.report import console_summary
+
+        print("\n".join(console_summary(report, run_dir)))
     print(f"privtune: run folder {run_dir}")
     return 0
 

@@ -80,3 +80,43 @@ def test_captions_parse_back_to_their_slots(rows):
         slots = parse_caption(row.pop("caption"))
         assert slots == row
     assert parse_caption("a red apple") is None
+
+
+def test_adapters_disabled_gives_the_base_model_back(base_model):
+    import torch
+
+    from privtune.models.lora import adapters_disabled, add_lora, lora_config
+
+    from .conftest import load_tiny
+
+    comps = load_tiny(base_model)
+    unet = comps.unet
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 500])
+    cond = torch.randn(2, comps.tokenizer.model_max_length, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        base = unet(x, t, cond).sample
+        params = add_lora(unet, lora_config(4, 4, 0.0, "attn"))
+        for p in params:
+            p.data.normal_(0, 0.5)
+        adapted = unet(x, t, cond).sample
+        with adapters_disabled(unet):
+            bypassed = unet(x, t, cond).sample
+        again = unet(x, t, cond).sample
+    assert not torch.allclose(adapted, base, atol=1e-4)
+    torch.testing.assert_close(bypassed, base)
+    torch.testing.assert_close(again, adapted)
+
+
+def test_console_summary_shows_what_the_lora_learned(tmp_path):
+    from privtune.eval.report import console_summary
+
+    report = {"summary": {"best_attack": {"name": "pia", "auc": {"value": 1.0, "ci": [1.0, 1.0]}}},
+              "utility": {"style_accuracy": 0.9, "slot_accuracy": {"style": 0.9, "hair_color": 0.8, "shirt_color": 0.6},
+                          "base_model": {"style_accuracy": 0.0, "slot_accuracy": {"style": 0.0, "hair_color": 0.7,
+                                                                                 "shirt_color": 0.5}},
+                          "frechet_distance": 12.5, "kid": 0.8, "n_generations": 128, "grid": "generations.png"}}
+    lines = console_summary(report, tmp_path)
+    assert "pia" in lines[0] and "1.000" in lines[0]
+    assert "style accuracy 0.000 (base) -> 0.900 (LoRA)" in lines[1] and "0.600 -> 0.700" in lines[1]
+    assert lines[2].endswith("plots/generations.png")

@@ -250,6 +250,27 @@ def summary_line(report: Mapping[str, Any]) -> str:
     )
 
 
+def console_summary(report: Mapping[str, Any], run_dir) -> list[str]:
+    """The few lines a finished run prints: the strongest attack and, when measured, what the LoRA learned."""
+    lines = [f"privtune: {summary_line(report).replace('**', '')}"]
+    u = report.get("utility") or {}
+    if "style_accuracy" in u:
+        base = u.get("base_model") or {}
+        slots = u.get("slot_accuracy") or {}
+        mean = sum(v for k, v in slots.items() if k != "style") / max(1, len([k for k in slots if k != "style"]))
+        base_slots = base.get("slot_accuracy") or {}
+        base_mean = sum(v for k, v in base_slots.items() if k != "style") / max(1, len([k for k in base_slots if k != "style"]))
+        lines.append(f"privtune: utility on {u.get('n_generations')} held-out captions: style accuracy "
+                     f"{fmt(base.get('style_accuracy'))} (base) -> {fmt(u['style_accuracy'])} (LoRA); mean slot accuracy "
+                     f"{fmt(base_mean)} -> {fmt(mean)}; FD {fmt_num(u.get('frechet_distance'))}, KID {fmt_num(u.get('kid'))}")
+        if u.get("grid"):
+            lines.append(f"privtune: held-out image | base | LoRA grid: {Path(run_dir) / PLOTS_DIR / u['grid']}")
+    elif "heldout_denoising_loss" in u:
+        lines.append(f"privtune: held-out / member denoising loss {fmt_num(u['heldout_denoising_loss'])} / "
+                     f"{fmt_num(u.get('member_denoising_loss'))}")
+    return lines
+
+
 def utility_section(report: Mapping[str, Any], run_name: str = "This run", baseline_name: str = "Baseline") -> str | None:
     """The utility table, with the baseline and change columns when a comparison exists."""
     comp = (report.get("comparison") or {}).get("utility")
