@@ -1,6 +1,6 @@
 """The embedded benchmarks: data sets and tiny base models shipped inside the package.
 
-`data.source` / `model.base` accept `embedded` (the default benchmark) or `embedded:<name>`.
+`data.source` / `model.base` accept `embedded` (the default benchmark, `portraits`) or `embedded:<name>`.
 * `emoji`: Noto emoji at 32 px and the tiny SD pre-trained on them (`assets/emoji`, `assets/tiny-sd`);
   the fine-tuning pool is the base's own distribution, so the duplicated-data extraction benchmark uses it.
 * `portraits`: DiceBear cartoon portraits with compositional captions (`assets/portraits`) and a tiny
@@ -32,7 +32,7 @@ EMBEDDED = {
     "portraits": Embedded("portraits", ASSETS / "portraits" / "portraits.parquet", ASSETS / "tiny-sd-portraits",
                           "embedded portraits set"),
 }
-DEFAULT = "emoji"
+DEFAULT = "portraits"
 
 
 def is_embedded(value) -> bool:

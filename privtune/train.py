@@ -18,7 +18,7 @@ main keys (see privtune/recipes/lora.yaml for every key and its default):
   trainer=lora                 which trainer (defense) runs
   output_dir=runs/<recipe>     the run folder; resume=latest continues it
   model.base=embedded          embedded tiny SD | local diffusers folder | hub id (e.g. runwayml/stable-diffusion-v1-5)
-  data.source=embedded         embedded emoji set | image folder with metadata.jsonl | hub data set
+  data.source=embedded         embedded portraits set | embedded:emoji | image folder with metadata.jsonl | hub data set
   data.members=64 data.nonmembers=64   split sizes (ground truth for the attacks)
   lora.rank=16 lora.targets=full       LoRA size and targets (attn | full | [names])
   train.max_steps=1000 train.batch_size=16 train.mixed_precision=no

@@ -44,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=5e-4)
+    p.add_argument("--vae-synthetic", type=float, default=0.0,
+                   help="fraction of each VAE batch replaced by random colour-block images (generic codec data)")
+    p.add_argument("--arch", choices=sorted(tiny.ARCHS), default="tiny",
+                   help="hyper-parameter set in privtune/models/tiny.py (tiny: the emoji base, portraits: the portraits base)")
     p.add_argument("--unet-steps", type=int, default=1750)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=2e-3)
@@ -90,6 +94,13 @@ def lr_at(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def colour_blocks(n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """`n` images of uniform random colour blocks (a k x k grid, k in 4..size, nearest-upsampled) in [-1, 1]: generic
+    codec training data with hard edges at every scale, so the VAE is not a codec for the base styles alone."""
+    k = [4, 8, 16, size][int(torch.randint(0, 4, (1,), generator=g))]
+    return F.interpolate(torch.rand(n, 3, k, k, generator=g) * 2 - 1, size=size, mode="nearest")
+
+
 def train_vae(vae, pixels: torch.Tensor, args, log) -> dict:
     """Pre-train the VAE with reconstruction MSE plus a small KL term; returns final losses."""
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -100,6 +111,9 @@ def train_vae(vae, pixels: torch.Tensor, args, log) -> dict:
     for step in range(args.vae_steps):
         idx = torch.randint(0, len(pixels), (args.vae_batch,), generator=g)
         x = pixels[idx]
+        n_synth = int(round(args.vae_batch * args.vae_synthetic))
+        if n_synth:
+            x = torch.cat([x[n_synth:], colour_blocks(n_synth, x.shape[-1], g)])
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
         recon = vae.decode(z).sample
@@ -207,7 +221,7 @@ def portraits_eval(pipe, data: str, n: int, steps: int, guidance: float, seed: i
 
 def write_build_md(out: Path, args, argv, counts, losses, scores, timings, factor) -> None:
     """Record how the model was made: architecture, sizes, steps, timings, losses and recognisability."""
-    cfg = tiny.TINY
+    cfg = tiny.ARCHS[args.arch]
     size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     cmd = "python scripts/build_tiny_sd.py" + ("" if not argv else " " + " ".join(argv))
     lines = [
@@ -239,7 +253,9 @@ def write_build_md(out: Path, args, argv, counts, losses, scores, timings, facto
         "## Training",
         "",
         f"- VAE: {args.vae_steps} steps, batch {args.vae_batch}, AdamW lr {args.vae_lr} (warm-up + cosine), "
-        f"loss MSE + {args.kl_weight} x KL (per latent element).",
+        f"loss MSE + {args.kl_weight} x KL (per latent element)"
+        + (f"; {args.vae_synthetic:.0%} of each batch random colour-block images (generic codec data, "
+           "no portraits)." if args.vae_synthetic else "."),
         f"- UNet + text encoder: {args.unet_steps} steps, batch {args.unet_batch}, AdamW lr {args.unet_lr} "
         f"(warm-up {args.warmup} + cosine), weight decay 0.01, epsilon loss, uniform timesteps, "
         f"{args.caption_dropout:.0%} caption dropout to the empty prompt, no flips, cached posterior-mode latents.",
@@ -316,9 +332,11 @@ def main(argv=None) -> dict:
     timings["tokenizer"] = time.time() - t0
     log(f"tokenizer: vocab {len(vocab)}, merges {len(merges)}; {len(base_captions)} base rows")
 
-    vae = tiny.build_vae(seed=args.seed)
-    unet = tiny.build_unet(seed=args.seed)
-    text_encoder = tiny.build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, seed=args.seed)
+    cfg = tiny.ARCHS[args.arch]
+    vae = tiny.build_vae(seed=args.seed, cfg=cfg)
+    unet = tiny.build_unet(seed=args.seed, cfg=cfg)
+    text_encoder = tiny.build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, seed=args.seed,
+                                           cfg=cfg)
     counts = {"unet": tiny.count_parameters(unet), "vae": tiny.count_parameters(vae),
               "text_encoder": tiny.count_parameters(text_encoder), "captions": len(captions),
               "vocab": len(vocab), "merges": len(merges), "base_rows": len(base_captions)}

@@ -18,11 +18,12 @@ def data_cfg(**kw):
     return OmegaConf.create(cfg)
 
 
-def test_embedded_pool_loads_with_groups():
-    src = load_source(data_cfg())
-    assert len(src.records) == 480
+@pytest.mark.parametrize("source, rows", [("embedded", 1004), ("embedded:portraits", 1004), ("embedded:emoji", 480)])
+def test_embedded_pool_loads_with_groups(source, rows):
+    src = load_source(data_cfg(source=source))
+    assert len(src.records) == rows
     assert all(r.caption and r.image.size == (32, 32) for r in src.records)
-    assert len({r.group for r in src.records}) < len(src.records)  # skin-tone variants share a group
+    assert len({r.group for r in src.records}) < len(src.records)  # renders of one identity / skin-tone variants
 
 
 def test_imagefolder(tmp_path):
@@ -71,7 +72,7 @@ def test_split_is_seeded_disjoint_and_keeps_groups():
 
 def test_one_per_group_split_has_no_near_duplicates():
     """The duplicated benchmark's split: one seeded row per group, so the pool's skin-tone families vanish."""
-    records = load_source(data_cfg()).records
+    records = load_source(data_cfg(source="embedded:emoji")).records
     assert len({r.group for r in records}) < len(records)  # the pool has multi-row groups
     a = make_split(records, 64, 64, seed=0, one_per_group=True)
     rows = a.members + a.nonmembers
@@ -85,8 +86,8 @@ def test_one_per_group_split_has_no_near_duplicates():
 
 def test_too_many_members_is_clear():
     records = load_source(data_cfg()).records
-    with pytest.raises(DataError, match=r"exceeds the 480 usable samples"):
-        make_split(records, 400, 100, seed=0)
+    with pytest.raises(DataError, match=r"exceeds the 1004 usable samples"):
+        make_split(records, 900, 200, seed=0)
 
 
 def test_manifest_round_trip_and_overlap_refused(tmp_path):

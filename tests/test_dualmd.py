@@ -130,7 +130,7 @@ def test_attacked_predictor_is_the_alternating_one(base_model):
     sched = ddim_timesteps(comps.noise_scheduler.config, 4)
     assert step_index(sched, sched).tolist() == [0, 1, 2, 3]
     assert step_index(sched, torch.tensor([999, int(sched[1]) + 1, 0])).tolist() == [0, 0, 3]
-    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, comps.unet.config.in_channels, 4, 4, generator=torch.Generator().manual_seed(0))
     cond = torch.randn(2, comps.tokenizer.model_max_length, comps.unet.config.cross_attention_dim,
                        generator=torch.Generator().manual_seed(1))
     predictor = UNetPredictor(comps.unet)
@@ -231,7 +231,7 @@ def test_evaluation_attacks_every_release(tmp_path, base_model, monkeypatch):
 
     def fake_evaluate(*, cfg, components, unet, releases, combinations, threat_model, **kwargs):
         sched = ddim_timesteps(components.noise_scheduler.config, int(cfg.dualmd.inference_steps))
-        x = torch.zeros(1, 4, 4, 4)
+        x = torch.zeros(1, unet.config.in_channels, 4, 4)
         cond = torch.zeros(1, components.tokenizer.model_max_length, unet.config.cross_attention_dim)
         for release in releases:
             order = []

@@ -67,14 +67,15 @@ def test_ren_mode_e_is_the_entropy_of_the_recorded_layer(tiny):
     alphas = tiny.noise_scheduler.alphas_cumprod.double()
     target = AttackTarget(UNetPredictor(tiny.unet), alphas, uncond=encode(tiny, [""]),
                           token_lengths={f"p{i}": len(tiny.tokenizer(p).input_ids) for i, p in enumerate(prompts)})
-    samples = EncodedSamples(torch.zeros(3, 4, 8, 8), cond, ["p0", "p1", "p2"])
+    samples = EncodedSamples(torch.zeros(3, tiny.unet.config.in_channels, 8, 8), cond, ["p0", "p1", "p2"])
     before = {k: type(v) for k, v in tiny.unet.attn_processors.items()}
     got = ATTACKS.get("ren")(layer=3, seed=0).score(target, samples, progress=False)
     assert {k: type(v) for k, v in tiny.unet.attn_processors.items()} == before  # probe removed after scoring
     saved = dict(tiny.unet.attn_processors)
     probe = install_probe(tiny.unet)
     probe.recording = True
-    x = seeded_noise((4, 8, 8), 0, "ren/x_T", None).expand(3, 4, 8, 8)
+    c = tiny.unet.config.in_channels
+    x = seeded_noise((c, 8, 8), 0, "ren/x_T", None).expand(3, c, 8, 8)
     with torch.no_grad():
         tiny.unet(x, torch.full((3,), 999), encoder_hidden_states=cond)
     want = entropy(probe.take()[3]).numpy()

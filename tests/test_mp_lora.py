@@ -97,7 +97,8 @@ def test_defended_loss_equals_formula_on_a_fixed_batch(tmp_path, base_model, rec
     assert loss.item() == pytest.approx(want.item(), rel=1e-4)
     assert logs["l_ada"] == pytest.approx(l_ada.item(), rel=1e-4)
     assert logs["member_ce"] == pytest.approx(ce.item(), rel=1e-4)
-    assert feats.shape[1:] == (4, 8, 8) and trainer.attacker.in_features == 256
+    c = trainer.components.unet.config.in_channels
+    assert feats.shape[1:] == (c, 8, 8) and trainer.attacker.in_features == c * 64
 
 
 @pytest.mark.parametrize("recipe, scale", [("mp_lora", 1.0), ("smp_lora", 1 / (1.0 + 1e-5))])
@@ -158,7 +159,7 @@ def test_attacker_learns_a_separable_toy(tmp_path, base_model):
 
     def toy_features(batch):
         n = batch.latents.shape[0] // 2
-        base = torch.rand((2 * n, 4, 8, 8), generator=gen) * 0.1
+        base = torch.rand((2 * n, *batch.latents.shape[1:]), generator=gen) * 0.1
         return torch.cat([base[:n], base[n:] + 0.05])
 
     trainer.attacker_features = toy_features

@@ -57,7 +57,7 @@ def test_style_accuracy_separates_the_private_style(rows):
 
 
 def test_frechet_is_full_rank_at_small_n_and_kid_is_unbiased():
-    from privtune.eval.portraits import frechet_distance, kernel_inception_distance
+    from privtune.eval.distances import frechet_distance, kernel_inception_distance
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(32, 128)), rng.normal(size=(32, 128))  # n < d: the plain covariance is singular
@@ -91,7 +91,7 @@ def test_adapters_disabled_gives_the_base_model_back(base_model):
 
     comps = load_tiny(base_model)
     unet = comps.unet
-    x = torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, unet.config.in_channels, 8, 8)
     t = torch.tensor([10, 500])
     cond = torch.randn(2, comps.tokenizer.model_max_length, unet.config.cross_attention_dim)
     with torch.no_grad():
@@ -115,8 +115,33 @@ def test_console_summary_shows_what_the_lora_learned(tmp_path):
               "utility": {"style_accuracy": 0.9, "slot_accuracy": {"style": 0.9, "hair_color": 0.8, "shirt_color": 0.6},
                           "base_model": {"style_accuracy": 0.0, "slot_accuracy": {"style": 0.0, "hair_color": 0.7,
                                                                                  "shirt_color": 0.5}},
-                          "frechet_distance": 12.5, "kid": 0.8, "n_generations": 128, "grid": "generations.png"}}
+                          "frechet_distance": 12.5, "kid": 0.8, "n_generations": 128, "grid": "generations.png",
+                          "vae_round_trip": {"style_accuracy": 0.95, "slot_accuracy": {"style": 0.95, "hair_color": 0.9,
+                                                                                       "shirt_color": 0.8}}}}
     lines = console_summary(report, tmp_path)
     assert "pia" in lines[0] and "1.000" in lines[0]
     assert "style accuracy 0.000 (base) -> 0.900 (LoRA)" in lines[1] and "0.600 -> 0.700" in lines[1]
-    assert lines[2].endswith("plots/generations.png")
+    assert "frozen VAE only" in lines[2] and "style accuracy 0.950, mean slot accuracy 0.850" in lines[2]
+    assert lines[3].endswith("plots/generations.png")
+
+
+def test_vae_round_trip_keeps_what_the_classifier_reads(rows, base_model):
+    """The codec ceiling reported beside the LoRA: held-out renders through the frozen VAE only."""
+    import numpy as np
+
+    from privtune.eval.portraits import portrait_utility
+    from privtune.eval.stage import pipeline_for
+    from privtune.eval.utility import vae_round_trip
+
+    from .conftest import load_tiny
+
+    comps = load_tiny(base_model)
+    pick = subset(rows, "utility", 300)
+    pick = pick.filter(lambda s: s == "pixel art", input_columns="style").select(range(32))
+    images = list(pick["image"])
+    out = vae_round_trip(pipeline_for(comps, comps.unet), images)
+    real = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    assert out.shape == real.shape and out.dtype == np.uint8
+    assert 0 < np.abs(out.astype(float) - real).mean() < 40  # lossy, but an image of the same thing
+    scores = portrait_utility(out, list(pick["caption"]), images)
+    assert scores["style_accuracy"] >= 0.75

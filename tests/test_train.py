@@ -107,7 +107,7 @@ def test_existing_run_is_not_clobbered(tmp_path, base_model, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["data.source=/no/such/folder"], "does not exist"),
-    (["data.members=470", "data.nonmembers=20"], "exceeds the 480 usable samples"),
+    (["data.members=1000", "data.nonmembers=20"], "exceeds the 1004 usable samples"),
 ])
 def test_bad_data_is_reported(tmp_path, base_model, capsys, args, message):
     run = tmp_path / "run"

@@ -1,7 +1,7 @@
 """Load a captioned image source into validated records (id, caption, image, group, content hash).
 
 Sources follow the Hugging Face `datasets` conventions: a local `imagefolder` with `metadata.jsonl`
-(the diffusers training-script layout), a hub data set name, or the embedded emoji set (default).
+(the diffusers training-script layout), a hub data set name, or an embedded set (`embedded` = portraits, `embedded:emoji`).
 Images are decoded here, eagerly, so a corrupt file or an empty caption is reported by name before
 anything is trained or written (or skipped and counted with `on_bad_sample=skip`).
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..embedded import EMBEDDED, embedded, is_embedded
+from ..embedded import DEFAULT, EMBEDDED, embedded, is_embedded
 from ..errors import DataError
 
-EMBEDDED_DATA = EMBEDDED["emoji"].data
+EMBEDDED_DATA = EMBEDDED[DEFAULT].data
 
 
 @dataclass

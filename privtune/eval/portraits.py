@@ -18,9 +18,9 @@ import re
 from typing import Sequence
 
 import numpy as np
-from scipy import linalg
 
 from ..models.attributes import load_classifier, to_tensor
+from .distances import frechet_distance, kernel_inception_distance
 
 PRIVATE_STYLE = "pixel art"
 _SLOT_RE = re.compile(
@@ -32,25 +32,6 @@ def parse_caption(caption: str) -> dict[str, str] | None:
     """The slot values of a portraits caption, or None when it does not follow the template."""
     m = _SLOT_RE.match(caption.strip())
     return m.groupdict() if m else None
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance of Gaussians fitted to two feature sets, with Ledoit-Wolf shrunk covariances."""
-    from sklearn.covariance import LedoitWolf
-
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = LedoitWolf().fit(a).covariance_, LedoitWolf().fit(b).covariance_
-    covmean = linalg.sqrtm(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-
-
-def kernel_inception_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 (the KID estimator), on any features."""
-    d = a.shape[1]
-    kxx, kyy, kxy = ((a @ a.T) / d + 1) ** 3, ((b @ b.T) / d + 1) ** 3, ((a @ b.T) / d + 1) ** 3
-    m, n = len(a), len(b)
-    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-                 - 2 * kxy.mean())
 
 
 def slot_scores(predicted: dict[str, np.ndarray], wanted: Sequence[dict[str, str]], slots: dict[str, list[str]]) -> dict:

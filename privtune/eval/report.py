@@ -263,6 +263,11 @@ def console_summary(report: Mapping[str, Any], run_dir) -> list[str]:
         lines.append(f"privtune: utility on {u.get('n_generations')} held-out captions: style accuracy "
                      f"{fmt(base.get('style_accuracy'))} (base) -> {fmt(u['style_accuracy'])} (LoRA); mean slot accuracy "
                      f"{fmt(base_mean)} -> {fmt(mean)}; FD {fmt_num(u.get('frechet_distance'))}, KID {fmt_num(u.get('kid'))}")
+        codec = u.get("vae_round_trip") or {}
+        if codec:
+            codec_slots = [v for k, v in (codec.get("slot_accuracy") or {}).items() if k != "style"]
+            lines.append(f"privtune: ceiling (the same held-out images through the frozen VAE only): style accuracy "
+                         f"{fmt(codec.get('style_accuracy'))}, mean slot accuracy {fmt(sum(codec_slots) / max(1, len(codec_slots)))}")
         if u.get("grid"):
             lines.append(f"privtune: held-out image | base | LoRA grid: {Path(run_dir) / PLOTS_DIR / u['grid']}")
     elif "heldout_denoising_loss" in u:

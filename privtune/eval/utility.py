@@ -4,9 +4,9 @@ Held-out loss works on any checkpoint. On the embedded portraits benchmark, gene
 (non-member) captions are read by the shipped attribute classifier (privtune.eval.portraits: style and
 per-slot accuracy, FD / KID in its features), for the LoRA and for the base model alone, so "did the
 LoRA learn the style?" is a before / after number. On the embedded emoji set the generation metrics
-use a fixed, training-free feature space (privtune.models.recognition). For real checkpoints FID/KID/
-CLIP need Inception / CLIP weights, which privtune never downloads, so the report says they were
-skipped and why.
+use a fixed, training-free feature space (privtune.models.recognition). For real checkpoints CLIP score and
+CLIP-space FD / KID come from a local CLIP folder (`eval.clip_model`, privtune.eval.clip_metrics); what
+cannot be measured offline is listed under `skipped`, with the reason.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import linalg
 
 from ..models import recognition
 from .attacks import EncodedSamples
+from .clip_metrics import clip_metrics
+from .distances import frechet_distance
 from .primitives import single_step_loss, seeded_noise
 
 LOSS_TIMESTEPS = (100, 300, 500, 700, 900)
@@ -35,15 +36,6 @@ def denoising_loss(predictor, samples: EncodedSamples, alphas_cumprod, seed: int
             total += float(loss.sum())
             count += len(batch)
     return total / max(count, 1)
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (the FID formula)."""
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
 def generation_metrics(pipe, records, n: int, steps: int, guidance: float, seed: int = 0) -> dict:
@@ -77,12 +69,28 @@ def portraits_metrics(pipe, records, n: int, steps: int, guidance: float, seed: 
     out = portrait_utility(lora, captions, reference)
     before = portrait_utility(base, captions, reference)
     out["base_model"] = {k: before[k] for k in ("style_accuracy", "slot_accuracy", "all_slots_correct", "frechet_distance", "kid")}
+    codec = portrait_utility(vae_round_trip(pipe, [r.image for r in chosen]), captions, reference)
+    out["vae_round_trip"] = {k: codec[k] for k in ("style_accuracy", "slot_accuracy", "all_slots_correct")}
     out["inference"] = {"steps": steps, "guidance": guidance, "seed": seed}
     if grid_path is not None:
         real = recognition.to_uint8([r.image for r in chosen[:16]])
         generations_grid(real, base[:16], lora[:16], grid_path)
         out["grid"] = str(Path(grid_path).name)
     return out
+
+
+@torch.no_grad()
+def vae_round_trip(pipe, images, batch_size: int = 64) -> np.ndarray:
+    """The held-out images encoded and decoded by the frozen VAE (posterior mode): the most any LoRA on this base
+    can show, since every generation is decoded by the same VAE; reported beside the LoRA's numbers."""
+    vae = pipe.vae
+    x = torch.from_numpy(recognition.to_uint8(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    param = next(vae.parameters())
+    out = []
+    for batch in x.split(batch_size):
+        z = vae.encode(batch.to(param)).latent_dist.mode()
+        out.append(vae.decode(z).sample.clamp(-1, 1).float().cpu())
+    return ((torch.cat(out).permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
 
 
 def generations_grid(real: np.ndarray, base: np.ndarray, lora: np.ndarray, path) -> None:
@@ -121,7 +129,8 @@ def compute_utility(*, predictor, members: EncodedSamples, nonmembers: EncodedSa
     elif embedded and pipe is not None and nonmember_records:
         out.update(generation_metrics(pipe, nonmember_records, int(eval_cfg.utility_generations),
                                       int(eval_cfg.utility_inference_steps), float(eval_cfg.utility_guidance_scale), seed))
-    elif not embedded:
-        out["skipped"] = ("FID/KID and CLIP score need Inception and CLIP weights on disk; privtune never downloads "
-                          "weights, so only the denoising losses are reported for this checkpoint")
+    elif not embedded and pipe is not None and nonmember_records:
+        out.update(clip_metrics(pipe, nonmember_records, int(eval_cfg.utility_generations),
+                                int(eval_cfg.utility_inference_steps), float(eval_cfg.utility_guidance_scale), seed,
+                                eval_cfg.get("clip_model")))
     return out

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..embedded import EMBEDDED, embedded, is_embedded
+from ..embedded import DEFAULT, EMBEDDED, embedded, is_embedded
 from ..errors import ModelError
 
-EMBEDDED_MODEL = EMBEDDED["emoji"].model
+EMBEDDED_MODEL = EMBEDDED[DEFAULT].model
 
 
 @dataclass

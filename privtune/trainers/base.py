@@ -118,6 +118,10 @@ class Trainer:
 
             check_attacks(cfg.eval.attacks)
             load_baseline(cfg.eval.baseline)
+            if cfg.eval.utility and cfg.eval.get("clip_model"):
+                from ..eval.clip_metrics import check_clip_folder
+
+                check_clip_folder(cfg.eval.clip_model)
         if cfg.optim.use_8bit and not torch.cuda.is_available():
             raise ConfigError("optim.use_8bit=true needs a CUDA GPU (bitsandbytes 8-bit AdamW); set optim.use_8bit=false on this machine")
         if cfg.train.max_steps < 1 or cfg.train.batch_size < 1 or cfg.train.gradient_accumulation_steps < 1:
