@@ -20,21 +20,31 @@ RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 _META_KEYS = ("inherits",)
 
 
+def shipped_names(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def shipped_yaml(name: str, folder: Path, kind: str, listing: str) -> Path:
+    """A YAML file shipped in `folder` by name, or a path to one; unknown names list what ships."""
+    candidate = Path(name)
+    valid = ", ".join(shipped_names(folder))
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise ConfigError(f"{kind} file {name!r} does not exist; pass a YAML path or one of: {valid}")
+        return candidate
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown {kind} {name!r}; {listing}: {valid} (or a path to a .yaml file)")
+    return path
+
+
 def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    return shipped_names(RECIPES_DIR)
 
 
 def recipe_path(recipe: str) -> Path:
     """A recipe name from recipes/, or a path to a YAML file."""
-    candidate = Path(recipe)
-    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
-        if not candidate.is_file():
-            raise ConfigError(f"recipe file {recipe!r} does not exist; pass a YAML path or one of: {', '.join(available_recipes())}")
-        return candidate
-    path = RECIPES_DIR / f"{recipe}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(available_recipes())} (or a path to a .yaml file)")
-    return path
+    return shipped_yaml(recipe, RECIPES_DIR, "recipe", "valid recipes")
 
 
 def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:

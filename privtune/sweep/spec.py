@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import load_config, recipe_path
+from ..config import load_config, recipe_path, shipped_names, shipped_yaml
 from ..errors import ConfigError
 
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
@@ -96,20 +96,12 @@ class Sweep:
 
 
 def available_sweeps() -> list[str]:
-    return sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+    return shipped_names(SWEEPS_DIR)
 
 
 def sweep_path(sweep: str) -> Path:
     """A sweep name from privtune/sweeps/, or a path to a YAML file."""
-    candidate = Path(sweep)
-    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
-        if not candidate.is_file():
-            raise ConfigError(f"sweep file {sweep!r} does not exist; pass a YAML path or one of: {', '.join(available_sweeps())}")
-        return candidate
-    path = SWEEPS_DIR / f"{sweep}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown sweep {sweep!r}; shipped sweeps: {', '.join(available_sweeps())} (or a path to a .yaml file)")
-    return path
+    return shipped_yaml(sweep, SWEEPS_DIR, "sweep", "shipped sweeps")
 
 
 def _parse_value(text: str) -> Any:
