@@ -121,12 +121,12 @@ def test_console_summary_shows_what_the_lora_learned(tmp_path):
     lines = console_summary(report, tmp_path)
     assert "pia" in lines[0] and "1.000" in lines[0]
     assert "style accuracy 0.000 (base) -> 0.900 (LoRA)" in lines[1] and "0.600 -> 0.700" in lines[1]
-    assert "frozen VAE only" in lines[2] and "style accuracy 0.950, mean slot accuracy 0.850" in lines[2]
+    assert "decoded by the frozen VAE" in lines[2] and "style accuracy 0.950, mean slot accuracy 0.850" in lines[2]
     assert lines[3].endswith("plots/generations.png")
 
 
 def test_vae_round_trip_keeps_what_the_classifier_reads(rows, base_model):
-    """The codec ceiling reported beside the LoRA: held-out renders through the frozen VAE only."""
+    """The codec reference reported beside the LoRA: held-out renders encoded and decoded by the frozen VAE."""
     import numpy as np
 
     from privtune.eval.portraits import portrait_utility

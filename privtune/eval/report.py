@@ -266,7 +266,7 @@ def console_summary(report: Mapping[str, Any], run_dir) -> list[str]:
         codec = u.get("vae_round_trip") or {}
         if codec:
             codec_slots = [v for k, v in (codec.get("slot_accuracy") or {}).items() if k != "style"]
-            lines.append(f"privtune: ceiling (the same held-out images through the frozen VAE only): style accuracy "
+            lines.append(f"privtune: reference (the same held-out images, encoded and decoded by the frozen VAE): style accuracy "
                          f"{fmt(codec.get('style_accuracy'))}, mean slot accuracy {fmt(sum(codec_slots) / max(1, len(codec_slots)))}")
         if u.get("grid"):
             lines.append(f"privtune: held-out image | base | LoRA grid: {Path(run_dir) / PLOTS_DIR / u['grid']}")

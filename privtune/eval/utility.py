@@ -81,8 +81,9 @@ def portraits_metrics(pipe, records, n: int, steps: int, guidance: float, seed: 
 
 @torch.no_grad()
 def vae_round_trip(pipe, images, batch_size: int = 64) -> np.ndarray:
-    """The held-out images encoded and decoded by the frozen VAE (posterior mode): the most any LoRA on this base
-    can show, since every generation is decoded by the same VAE; reported beside the LoRA's numbers."""
+    """The held-out images encoded and decoded by the frozen VAE (posterior mode), reported beside the LoRA's
+    numbers: how much of a style and its slots the base's codec keeps on real images (a LoRA's own latents can
+    decode cleaner, so this is a reference, not a bound)."""
     vae = pipe.vae
     x = torch.from_numpy(recognition.to_uint8(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     param = next(vae.parameters())
