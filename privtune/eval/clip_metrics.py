@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models import recognition
-from .portraits import frechet_distance, kernel_inception_distance
+from .distances import frechet_distance, kernel_inception_distance
 
 INCEPTION_SKIPPED = ("Inception FID/KID skipped: torchmetrics' FrechetInceptionDistance needs torch-fidelity (which "
                      "needs torchvision) and the Inception weights on disk; privtune never downloads them")
