@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import signal
 import sys
 
 from .config import available_recipes, load_config, parse_overrides
@@ -45,10 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         record_command("privtune.train", argv)
 
         trainer = get_trainer(cfg.trainer)(cfg)
-        run_dir = trainer.run()
+        with interrupts_as_keyboard():
+            run_dir = trainer.run()
     except PrivtuneError as exc:
         print(f"privtune: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        stopped = locals().get("trainer")
+        if stopped is None or getattr(stopped, "accelerator", None) is None or stopped.is_main:
+            print(interrupted_message(stopped, argv), file=sys.stderr)
+        return 130
     report = getattr(trainer, "report", None)
     if report:
         from .eval.report import console_summary
@@ -56,6 +64,43 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(console_summary(report, run_dir)))
     print(f"privtune: run folder {run_dir}")
     return 0
+
+
+class interrupts_as_keyboard:
+    """SIGTERM (a scheduler's stop) ends the run like Ctrl-C: one line, no traceback, exit 130."""
+
+    def __enter__(self):
+        self.previous = None
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def interrupted_message(trainer, argv) -> str:
+    """Where the run stopped, its last complete checkpoint and the command that continues it."""
+    args = [a for a in argv if not a.startswith(("resume=", "overwrite="))] + ["resume=latest"]
+    command = " ".join(["python", "-m", "privtune.train", *map(shlex.quote, args)])
+    state = getattr(trainer, "state", None)
+    where = f" at step {state.step}" if state is not None else " before training started"
+    found = []
+    if trainer is not None and getattr(trainer, "accelerator", None) is not None:
+        try:
+            found = trainer.checkpoints()
+        except OSError:
+            found = []
+    last = f"last checkpoint {found[-1]}" if found else "no checkpoint saved yet (a resume starts from step 0)"
+    return f"privtune: interrupted{where}; {last}; continue with: {command}"
 
 
 if __name__ == "__main__":

@@ -59,6 +59,59 @@ def test_empty_data_set(tmp_path):
         load_source(data_cfg(source=str(folder), on_bad_sample="skip"))
 
 
+def test_oversize_image_follows_on_bad_sample(tmp_path, monkeypatch):
+    """A decompression bomb is an error naming the file, or one skipped and counted sample."""
+    from PIL import Image
+
+    folder = make_image_folder(tmp_path / "data", n=4)
+    Image.new("L", (64, 64)).save(folder / "img001.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1024)  # 64 x 64 > 2 x 1024: PIL refuses, as at 15000 x 15000
+    with pytest.raises(DataError, match=r"img001\.png .* is too large to decode safely.*on_bad_sample=skip"):
+        load_source(data_cfg(source=str(folder)))
+    src = load_source(data_cfg(source=str(folder), on_bad_sample="skip"))
+    assert len(src.records) == 3 and src.skipped[0]["id"] == "img001.png"
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    from PIL import Image
+
+    folder = make_image_folder(tmp_path / "data", n=2)
+    rgba = Image.new("RGBA", (32, 32), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.save(folder / "img000.png")
+    image = load_source(data_cfg(source=str(folder))).records[0].image
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255) and image.getpixel((5, 5)) == (255, 0, 0)
+
+
+def test_images_below_the_resolution_are_warned_about(tmp_path, capsys):
+    from PIL import Image
+
+    folder = make_image_folder(tmp_path / "data", n=3)
+    Image.new("RGB", (1, 1)).save(folder / "img002.png")
+    assert len(load_source(data_cfg(source=str(folder))).records) == 3
+    err = capsys.readouterr().err
+    assert "1 of 3 images are smaller than data.resolution=32" in err and "1x1" in err and "img002.png" in err
+
+
+def test_folder_without_metadata_says_so(tmp_path):
+    folder = make_image_folder(tmp_path / "data", n=2)
+    (folder / "metadata.jsonl").unlink()
+    with pytest.raises(DataError, match=r"has no metadata.jsonl; write one JSON line per image"):
+        load_source(data_cfg(source=str(folder)))
+
+
+def test_empty_or_partial_model_folder_says_what_is_missing(tmp_path):
+    from privtune.errors import ModelError
+    from privtune.models.loading import resolve_base
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match=r"'.*empty' is empty: a Stable Diffusion checkpoint in diffusers layout needs"):
+        resolve_base(str(tmp_path / "empty"))
+    (tmp_path / "part" / "unet").mkdir(parents=True)
+    with pytest.raises(ModelError, match=r"lacks tokenizer, text_encoder, vae, scheduler"):
+        resolve_base(str(tmp_path / "part"))
+
+
 def test_split_is_seeded_disjoint_and_keeps_groups():
     records = load_source(data_cfg()).records
     a = make_split(records, 40, 40, seed=3)

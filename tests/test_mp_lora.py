@@ -116,6 +116,52 @@ def test_lambda_zero_is_plain_lora(tmp_path, base_model, recipe, scale):
         torch.testing.assert_close(g, w * scale, rtol=1e-4, atol=1e-8)
 
 
+def test_fixed_proxy_timesteps_average_draws_per_timestep(tmp_path, base_model):
+    """mp.proxy_timesteps: the attack features are the per-t means over proxy_draws loss maps, concatenated."""
+    trainer = prepared("smp_lora", tmp_path / "run", f"model.base={base_model}", "mp.proxy_timesteps=[100,300]",
+                       "mp.proxy_draws=3", "mp.attacker_dropout=0")
+    batch = trainer.micro_batch(0)
+    n, c = batch.latents.shape[0], trainer.components.unet.config.in_channels
+    assert trainer.attacker.in_features == 2 * c * 64
+    gen = torch.Generator().manual_seed(5)
+    first = (torch.randn(batch.latents.shape, generator=gen), torch.randint(0, 1000, (n,), generator=gen))
+    expanded = torch.randn((n * 6, *batch.latents.shape[1:]), generator=gen)
+    draws = iter([first, (expanded, torch.zeros(n * 6, dtype=torch.long))])
+    trainer.sample_noise = lambda latents: next(draws)
+    loss, logs = trainer.compute_loss(batch)
+    comps = trainer.components
+    with torch.no_grad():
+        feats = []
+        for i in range(n):
+            per_t = []
+            for j, t in enumerate((100, 300)):
+                rows = expanded[i * 6 + j * 3:i * 6 + j * 3 + 3]
+                maps = loss_map(comps.unet, comps.noise_scheduler, batch.latents[i:i + 1].repeat(3, 1, 1, 1),
+                                batch.encoder_hidden_states[i:i + 1].repeat(3, 1, 1), rows, torch.full((3,), t))
+                per_t.append(maps.mean(dim=0))
+            feats.append(torch.cat(per_t))
+        ce = member_ce(trainer.attacker(torch.stack(feats).flatten(1)))
+    assert logs["member_ce"] == pytest.approx(ce.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["mp_lora", "smp_lora"])
+def test_privacy_gradient_scale_scales_only_the_attack_term(tmp_path, base_model, recipe):
+    """The loss value is unchanged; the gradient is grad(L_ada part) + scale * grad(attack part)."""
+    grads, values = {}, {}
+    for scale in (0.0, 1.0, 3.0):
+        trainer = prepared(recipe, tmp_path / f"run{scale}", f"model.base={base_model}", "mp.attacker_dropout=0",
+                           f"mp.privacy_gradient_scale={scale}")
+        batch = trainer.micro_batch(0)
+        fixed_draws(trainer, 2)
+        loss, _ = trainer.compute_loss(batch)
+        values[scale] = loss.item()
+        grads[scale] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, trainer.trainable)])
+    assert values[0.0] == pytest.approx(values[1.0], rel=1e-6) == pytest.approx(values[3.0], rel=1e-6)
+    privacy = grads[1.0] - grads[0.0]
+    assert privacy.norm() > 1e-4 * grads[0.0].norm()
+    torch.testing.assert_close(grads[3.0], grads[0.0] + 3 * privacy, rtol=1e-3, atol=1e-7)
+
+
 # ------------------------------------------------------------------ the two phases
 def snapshot(module):
     return {n: p.detach().clone() for n, p in module.named_parameters()}
@@ -260,6 +306,10 @@ def test_resume_restores_attacker_and_both_optimizers(tmp_path, base_model):
     ("smp_lora", ["mp.attacker_steps=0"], "mp.attacker_steps must be >= 1"),
     ("smp_lora", ["mp.attacker_dropout=1"], "mp.attacker_dropout must be in [0, 1)"),
     ("smp_lora", ["mp.lamda=1"], "unknown key 'mp.lamda'"),
+    ("smp_lora", ["mp.proxy_timesteps=[1000]"], "mp.proxy_timesteps must be null"),
+    ("smp_lora", ["mp.proxy_timesteps=[100]", "mp.shared_forward=true"], "cannot be combined with mp.proxy_timesteps"),
+    ("smp_lora", ["mp.proxy_draws=0"], "mp.proxy_draws must be >= 1"),
+    ("smp_lora", ["mp.privacy_gradient_scale=-1"], "mp.privacy_gradient_scale must be a finite number >= 0"),
 ])
 def test_bad_settings_fail_before_training(tmp_path, base_model, capsys, recipe, args, message):
     run = tmp_path / "run"

@@ -92,8 +92,9 @@ def test_shipped_all_defenses_sweep_expands_and_builds_every_config():
     labels = [s.display for s, _ in settings]
     assert "DP-SGD 3k members dp.target_epsilon=1" in labels and "DP-SGD 3k members dp.target_epsilon=8" in labels
     assert sum(s.undefended for s, _ in settings) == 1
-    dp = next(r for r in sweep.runs if r.name == "dpsgd__dp.target_epsilon=8__seed=1")
+    dp = next(r for r in sweep.runs if r.name == "dpsgd__dp.noise_multiplicity=2__dp.target_epsilon=8__train.max_steps=500__seed=1")
     assert dp.config.dp.target_epsilon == 8 and dp.config.seed == 1 and dp.config.trainer == "dpsgd"
+    assert dp.config.dp.noise_multiplicity == 2 and dp.config.train.max_steps == 500
     assert dp.config.output_dir == str(Path("runs/sweeps/all_defenses") / dp.name)
     assert {r.config.trainer for r in sweep.runs} >= {"lora", "dpsgd", "mp_lora", "smp_lora", "dualmd", "distillmd"}
 

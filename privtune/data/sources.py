@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,10 +47,19 @@ def content_hash(image: Image.Image) -> str:
     return h.hexdigest()
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels; transparency is composited on white (the diffusers training scripts' convention), not black."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def _decode(value, name: str) -> Image.Image:
     """Decode a datasets Image cell given with decode=False ({path, bytes}) or an already-decoded PIL image."""
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return to_rgb(value)
     if not isinstance(value, dict):
         raise DataError(f"image {name} is not an image (got {type(value).__name__})")
     try:
@@ -60,7 +70,10 @@ def _decode(value, name: str) -> Image.Image:
         else:
             raise DataError(f"image {name} has neither bytes nor a path")
         image.load()
-        return image.convert("RGB")
+        return to_rgb(image)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image {name} is too large to decode safely ({exc}); resize it (privtune trains at data.resolution), "
+                        "or set data.on_bad_sample=skip") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"corrupt image {name}: {exc}. Fix or remove the file, or set data.on_bad_sample=skip") from exc
 
@@ -78,6 +91,9 @@ def _open_dataset(data_cfg):
     path = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or path.exists() or "/" not in source or source.count("/") > 1
     if path.is_dir():
+        if not any((path / f"metadata.{ext}").is_file() for ext in ("jsonl", "csv", "parquet")):
+            raise DataError(f"the image folder {path} has no metadata.jsonl; write one JSON line per image, e.g. "
+                            '{"file_name": "img001.png", "caption": "a photo of ..."}, so every image has its caption')
         try:
             ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
         except Exception as exc:
@@ -131,6 +147,12 @@ def load_source(data_cfg) -> LoadedSource:
             continue
         group = str(row[group_col]) if group_col else rid
         records.append(Record(rid, caption.strip(), image, group, content_hash(image)))
+    small = [r for r in records if min(r.image.size) < int(data_cfg.resolution)]
+    if small:
+        worst = min(small, key=lambda r: min(r.image.size))
+        print(f"privtune: warning: {len(small)} of {len(records)} images are smaller than data.resolution={data_cfg.resolution} "
+              f"(smallest {worst.image.size[0]}x{worst.image.size[1]}, {worst.id}); they are upscaled, which blurs them",
+              file=sys.stderr)
     if not records:
         raise DataError(f"{description} holds no usable samples ({len(skipped)} skipped); point data.source at a folder with images and captions")
     ids = [r.id for r in records]

@@ -325,6 +325,10 @@ def _header_lines(report: Mapping[str, Any]) -> list[str]:
             f"calibration {cal.get('members')} members / {cal.get('nonmembers')} non-members, "
             f"report {rep.get('members')} members / {rep.get('nonmembers')} non-members; {protocol.get('score_orientation', '')}"
         )
+    attacked = protocol.get("members_attacked") or {}
+    if attacked and attacked.get("attacked") != attacked.get("of"):
+        lines.append(f"- **Members attacked:** {attacked['attacked']} of {attacked['of']} ({attacked['choice']}; "
+                     "AUC and TPR stay unbiased, their intervals are wider than with every member)")
     if protocol.get("threat_model"):
         lines.append(f"- **Threat model:** {protocol['threat_model']}")
     lines.append(f"- **Created:** {report.get('created')} with privtune {report.get('privtune_version')}")

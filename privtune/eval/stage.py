@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import to_container
@@ -42,6 +43,27 @@ def check_attacks(names) -> list[str]:
     for n in names:
         ATTACKS.get(n)
     return names
+
+
+def check_max_members(value) -> int | None:
+    """eval.max_members: null (attack every member) or a positive number of members to attack."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ConfigError(f"eval.max_members must be null (attack every member) or an integer >= 2 (got {value!r})")
+    return value
+
+
+def attacked_members(records, max_members, seed: int):
+    """The members the attacks score: all of them, or a seeded random `max_members` of them.
+
+    A uniform random subset leaves AUC and TPR@FPR unbiased (only their confidence intervals widen); it keeps
+    the attacks' cost proportional to the non-members when a DP-scale recipe trains on thousands of rows."""
+    limit = check_max_members(max_members)
+    if limit is None or len(records) <= limit:
+        return list(records)
+    keep = np.sort(np.random.default_rng([int(seed), 0x6D656D]).choice(len(records), limit, replace=False))
+    return [records[i] for i in keep]
 
 
 def load_baseline(path) -> dict | None:
@@ -122,7 +144,8 @@ def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=N
     alphas = components.noise_scheduler.alphas_cumprod.to(torch.float64)
     target = AttackTarget(predictor, alphas, uncond=empty_prompt_state(components, device), token_lengths=token_lengths(
         components.tokenizer, split.members + split.nonmembers))
-    members = encode_records(components, split.members, cfg.data.resolution, device)
+    member_records = attacked_members(split.members, ev.get("max_members"), int(cfg.seed))
+    members = encode_records(components, member_records, cfg.data.resolution, device)
     nonmembers = encode_records(components, split.nonmembers, cfg.data.resolution, device)
     releases = [replace(r, target=target) for r in (releases or [SINGLE_RELEASE])]
     deployed = next((r for r in releases if r.deployed), releases[0])
@@ -132,6 +155,9 @@ def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=N
                                      seed=int(cfg.seed), batch_size=int(ev.batch_size), n_bootstrap=int(ev.bootstrap),
                                      progress=is_main, threat_model=threat_model or SINGLE_THREAT)
     result["protocol"]["deployed"] = deployed.name
+    result["protocol"]["members_attacked"] = {"attacked": len(member_records), "of": len(split.members),
+                                              "choice": "all" if len(member_records) == len(split.members)
+                                              else "uniform random subset (eval.max_members)"}
     result["protocol"]["latents"] = LATENT_CHOICE
     result["protocol"]["guidance_scale"] = float(ev.guidance_scale)
     with deployed.context():

@@ -41,6 +41,13 @@ def resolve_base(base: str) -> str:
     path = Path(base).expanduser()
     if base.startswith((".", "/", "~")) and not path.exists():
         raise ModelError(f"model.base {base!r} does not exist; pass a diffusers folder, a hub id, or 'embedded'")
+    if path.is_dir():
+        missing = [part for part in ("tokenizer", "text_encoder", "vae", "unet", "scheduler") if not (path / part).is_dir()]
+        if missing:
+            what = "is empty" if not any(path.iterdir()) else f"lacks {', '.join(missing)}"
+            raise ModelError(f"model.base folder {base!r} {what}: a Stable Diffusion checkpoint in diffusers layout needs "
+                             "tokenizer/, text_encoder/, vae/, unet/ and scheduler/ (save one with pipe.save_pretrained(folder)), "
+                             "or pass a hub id or 'embedded'")
     return str(path) if path.exists() else base
 
 

@@ -33,7 +33,7 @@ from ..models.loading import Components, freeze, load_components
 from ..models.lora import add_lora, lora_config
 from .sampling import BatchSchedule
 from .. import export as exporter
-from .. import tracking
+from .. import rundir, tracking
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -101,6 +101,7 @@ class Trainer:
         self.check_run_dir()
         self.setup_data()
         self.setup_model()
+        self.claim_run_dir()
         self.write_run_files()
         self.setup_optimizer()
         self.prepare()
@@ -114,9 +115,10 @@ class Trainer:
         cfg = self.cfg
         check_data_settings(cfg)
         if cfg.eval.enabled:
-            from ..eval.stage import check_attacks, load_baseline
+            from ..eval.stage import check_attacks, check_max_members, load_baseline
 
             check_attacks(cfg.eval.attacks)
+            check_max_members(cfg.eval.get("max_members"))
             load_baseline(cfg.eval.baseline)
             if cfg.eval.utility and cfg.eval.get("clip_model"):
                 from ..eval.clip_metrics import check_clip_folder
@@ -172,16 +174,29 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def check_run_dir(self) -> None:
-        """Refuse to clobber a finished run unless asked. Nothing is written until data and model load."""
+        """Decide what this run does to its folder (nothing is written yet): refuse to clobber a run unless
+        asked, refuse a resume that would change the model, and note a folder to move aside (rundir)."""
         cfg = self.cfg
-        existing = (self.run_dir / "config.yaml").exists() or (self.run_dir / "lora").exists()
-        if existing and cfg.resume is None and not cfg.overwrite:
+        rundir.check_output_folder(self.run_dir)
+        held, begun = rundir.holds_run(self.run_dir), rundir.started(self.run_dir)
+        if held and cfg.resume is None and not cfg.overwrite:
             raise ConfigError(
                 f"run folder {self.run_dir} already holds a run; pass resume=latest to continue it, "
-                f"output_dir=<new folder> to start another, or overwrite=true to replace its results"
+                f"output_dir=<new folder> to start another, or overwrite=true to replace it (the old run is moved aside)"
             )
-        if cfg.resume is not None and not existing and cfg.resume == "latest":
+        if cfg.resume is not None and not begun and cfg.resume == "latest":
             raise ConfigError(f"resume=latest but {self.run_dir} holds no run to resume; drop resume= to start fresh")
+        self.resume_changes = rundir.check_resume(self.run_dir, cfg) if cfg.resume is not None else {}
+        self.replaces = self.run_dir if cfg.resume is None and begun else None
+
+    def claim_run_dir(self) -> None:
+        """Move a replaced (overwrite=true) or stale run folder aside whole, before the first file is written."""
+        if self.replaces is not None and self.is_main and self.replaces.exists():
+            moved = rundir.move_aside(self.replaces)
+            print(f"privtune: the previous run in {self.replaces} was moved aside to {moved}")
+        self.replaces = None
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
 
     def write_run_files(self) -> None:
         """The resolved config and the split manifest, once inputs are known to be good."""
@@ -430,6 +445,7 @@ class Trainer:
             if not found:
                 if self.is_main:
                     print(f"privtune: no checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
+                    self.record_resume_changes()
                 return
             path = found[-1]
         else:
@@ -439,6 +455,12 @@ class Trainer:
         self.accelerator.load_state(str(path))
         if self.is_main:
             print(f"privtune: resumed from {path} at step {self.state.step}")
+            self.record_resume_changes()
+
+    def record_resume_changes(self) -> None:
+        if self.resume_changes:
+            rundir.record_changes(self.run_dir, self.resume_changes, self.state.step)
+            print(f"privtune: resumed with changed settings {sorted(self.resume_changes)} (recorded in {rundir.CHANGES})")
 
     # ------------------------------------------------------------------ batches and loss
     def micro_batch(self, micro_step: int, schedule=None) -> Batch:
@@ -561,26 +583,28 @@ class Trainer:
         acc = self.accelerator
         start = self.state.step
         bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"train {self.name}", disable=not self.is_main, dynamic_ncols=True)
-        while self.state.step < cfg.train.max_steps:
-            self.state.reseed()
-            logs = self.optimizer_step(self.state.step * cfg.train.gradient_accumulation_steps)
-            self.state.step += 1
-            step = self.state.step
-            logs["lr"] = self.lr_scheduler.get_last_lr()[0]
-            logs.update(self.step_logs())
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if isinstance(v, float)})
-                acc.log({f"train/{k}": v for k, v in logs.items()}, step=step)
-            if self.should_stop():
-                if self.is_main:
-                    print(f"privtune: stopping at step {step}: {self.stop_reason}")
-                break
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
-                self.save_checkpoint()
-            if cfg.train.validation_every and step % cfg.train.validation_every == 0 and step < cfg.train.max_steps:
-                self.validate(step)
-        bar.close()
+        try:
+            while self.state.step < cfg.train.max_steps:
+                self.state.reseed()
+                logs = self.optimizer_step(self.state.step * cfg.train.gradient_accumulation_steps)
+                self.state.step += 1
+                step = self.state.step
+                logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+                logs.update(self.step_logs())
+                bar.update(1)
+                if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if isinstance(v, float)})
+                    acc.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+                if self.should_stop():
+                    if self.is_main:
+                        print(f"privtune: stopping at step {step}: {self.stop_reason}")
+                    break
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
+                    self.save_checkpoint()
+                if cfg.train.validation_every and step % cfg.train.validation_every == 0 and step < cfg.train.max_steps:
+                    self.validate(step)
+        finally:
+            bar.close()  # also on Ctrl-C, so the interrupt line starts on its own line
         self.save_checkpoint()
 
     stop_reason = ""

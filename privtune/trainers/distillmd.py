@@ -91,8 +91,10 @@ class DistillMDTrainer(PromptDiversification, Trainer):
         """A run interrupted in phase 1 has only teachers/ yet; resume=latest must accept it."""
         cfg = self.cfg
         if cfg.resume == "latest" and not (self.run_dir / "config.yaml").exists() and (self.run_dir / TEACHERS_DIR / "config.yaml").exists():
+            self.resume_changes, self.replaces = {}, None
             return
         super().check_run_dir()
+        self.claim_run_dir()  # phase 1 writes teachers/ during setup_data, so a replaced folder goes aside now
 
     # ------------------------------------------------------------------ phase 1
     def ensure_teachers(self) -> Path:

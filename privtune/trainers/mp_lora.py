@@ -26,6 +26,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from ..defenses.attacker_split import (check_attacker_disjoint, load_attacker_split, make_attacker_split,
                                        save_attacker_manifest, SEED_OFFSET)
@@ -79,10 +80,37 @@ class MPLoRATrainer(Trainer):
             raise ConfigError(f"mp.attacker_dropout must be in [0, 1) (got {mp.attacker_dropout})")
         if not mp.attacker_hidden or any(int(h) < 1 for h in mp.attacker_hidden):
             raise ConfigError(f"mp.attacker_hidden must be a non-empty list of layer widths >= 1 (got {mp.attacker_hidden})")
+        n_steps = 1000  # num_train_timesteps of every SD scheduler; the model is not loaded yet
+        timesteps = mp.get("proxy_timesteps")
+        if timesteps is not None:
+            listed = [timesteps] if isinstance(timesteps, int) else list(timesteps) if OmegaConf.is_list(timesteps) else None
+            if (not listed or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_steps for t in listed)):
+                raise ConfigError(f"mp.proxy_timesteps must be null (a random t per row, as the paper), a timestep or a "
+                                  f"non-empty list of timesteps in [0, {n_steps}) (got {timesteps!r}); the loss attack's "
+                                  "candidates are 50-500")
+            if mp.shared_forward:
+                raise ConfigError("mp.shared_forward=true reuses L_ada's random (t, eps) draw, so it cannot be combined with "
+                                  "mp.proxy_timesteps; set one of them")
+        if int(mp.get("proxy_draws", 1)) < 1:
+            raise ConfigError(f"mp.proxy_draws must be >= 1 (got {mp.get('proxy_draws')})")
+        scale = float(mp.get("privacy_gradient_scale", 1.0))
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ConfigError(f"mp.privacy_gradient_scale must be a finite number >= 0 (got {scale}); 1 is the paper's objective")
 
     @property
     def lam(self) -> float:
         return float(self.cfg.mp["lambda"])
+
+    @property
+    def proxy_timesteps(self) -> list[int] | None:
+        timesteps = self.cfg.mp.get("proxy_timesteps")
+        if timesteps is None:
+            return None
+        return [int(timesteps)] if isinstance(timesteps, int) else [int(t) for t in timesteps]
+
+    @property
+    def proxy_draws(self) -> int:
+        return int(self.cfg.mp.get("proxy_draws", 1))
 
     # ------------------------------------------------------------------ data: D_tr = D_te^m + D_aux^m
     def training_records(self):
@@ -112,7 +140,7 @@ class MPLoRATrainer(Trainer):
         cfg = self.cfg
         comps = self.components
         side = cfg.data.resolution // (2 ** (len(comps.vae.config.block_out_channels) - 1))
-        in_features = int(comps.unet.config.in_channels) * side * side
+        in_features = int(comps.unet.config.in_channels) * side * side * len(self.proxy_timesteps or [None])
         self.attacker = build_attacker(in_features, list(cfg.mp.attacker_hidden), float(cfg.mp.attacker_dropout),
                                        int(cfg.seed)).to(self.device)
         self.attacker.train()
@@ -145,9 +173,36 @@ class MPLoRATrainer(Trainer):
 
     def objective(self, l_ada: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
         mp = self.cfg.mp
+        scale = float(mp.get("privacy_gradient_scale", 1.0))
+        if scale != 1.0:
+            ce = ce.detach() + scale * (ce - ce.detach())  # same value, the attack term's gradient times `scale`
         if self.form == "smp":
             return OBJECTIVES["smp"](l_ada, ce, self.lam, float(mp.beta), float(mp.delta))
         return OBJECTIVES["mp"](l_ada, ce, self.lam)
+
+    def proxy_draw(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (noise, t) rows of the attack features: one random draw per row (the paper), or, with
+        mp.proxy_timesteps, `proxy_draws` noises at each listed t (row-major: row, t, draw)."""
+        if self.proxy_timesteps is None:
+            return self.sample_noise(latents)
+        reps = len(self.proxy_timesteps) * self.proxy_draws
+        expanded = latents.repeat_interleave(reps, dim=0)
+        noise, _ = self.sample_noise(expanded)
+        per_row = torch.tensor(self.proxy_timesteps, device=latents.device).repeat_interleave(self.proxy_draws)
+        return noise, per_row.repeat(latents.shape[0])
+
+    def proxy_features(self, maps: torch.Tensor, n: int) -> torch.Tensor:
+        """Attack features of n rows from their loss maps: the map itself, or the per-t mean over the draws
+        of every listed t, concatenated along the channels."""
+        if self.proxy_timesteps is None:
+            return maps
+        c, h, w = maps.shape[1:]
+        return maps.view(n, len(self.proxy_timesteps), self.proxy_draws, c, h, w).mean(dim=2).reshape(n, -1, h, w)
+
+    def proxy_rows(self, latents: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        reps = 1 if self.proxy_timesteps is None else len(self.proxy_timesteps) * self.proxy_draws
+        noise, timesteps = self.proxy_draw(latents)
+        return latents.repeat_interleave(reps, dim=0), states.repeat_interleave(reps, dim=0), noise, timesteps
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """The defended loss of one micro-batch: L_ada and the attack term from independent (t, eps) draws."""
@@ -158,11 +213,11 @@ class MPLoRATrainer(Trainer):
             maps = loss_map(comps.unet, comps.noise_scheduler, batch.latents, batch.encoder_hidden_states, noise, timesteps)
             ada_maps, features = maps, maps
         else:
-            noise2, timesteps2 = self.sample_noise(batch.latents)
-            maps = loss_map(comps.unet, comps.noise_scheduler, batch.latents.repeat(2, 1, 1, 1),
-                            batch.encoder_hidden_states.repeat(2, 1, 1), torch.cat([noise, noise2]),
+            latents2, states2, noise2, timesteps2 = self.proxy_rows(batch.latents, batch.encoder_hidden_states)
+            maps = loss_map(comps.unet, comps.noise_scheduler, torch.cat([batch.latents, latents2]),
+                            torch.cat([batch.encoder_hidden_states, states2]), torch.cat([noise, noise2]),
                             torch.cat([timesteps, timesteps2]))
-            ada_maps, features = maps[:n], maps[n:]
+            ada_maps, features = maps[:n], self.proxy_features(maps[n:], n)
         l_ada = ada_maps.mean()
         ce = self.attack_term(features)
         loss = self.objective(l_ada, ce)
@@ -180,9 +235,10 @@ class MPLoRATrainer(Trainer):
 
     def attacker_features(self, batch: Batch) -> torch.Tensor:
         comps = self.components
-        noise, timesteps = self.sample_noise(batch.latents)
+        latents, states, noise, timesteps = self.proxy_rows(batch.latents, batch.encoder_hidden_states)
         with torch.no_grad():
-            return loss_map(comps.unet, comps.noise_scheduler, batch.latents, batch.encoder_hidden_states, noise, timesteps)
+            maps = loss_map(comps.unet, comps.noise_scheduler, latents, states, noise, timesteps)
+        return self.proxy_features(maps, batch.latents.shape[0])
 
     def attacker_update(self, index: int) -> dict:
         """One Adam step of the attacker on CE; returns its accuracy and gain on this batch."""
