@@ -8,6 +8,7 @@ so a typo never silently trains with a default.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -74,13 +75,48 @@ def _check_keys(base: Any, update: Any, prefix: str, source: str, allow_new_sect
         if allow_new_sections and key not in base and isinstance(update[key], DictConfig):
             continue  # a defense recipe adds its own section (e.g. dp:); its keys become the strict schema
         if key not in base:
+            close = difflib.get_close_matches(str(key), [str(k) for k in base.keys()], n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
             raise ConfigError(
-                f"unknown key '{prefix}{key}' in {source}; valid keys here: {_valid_keys(base, prefix)}"
+                f"unknown key '{prefix}{key}' in {source}; {hint}valid keys here: {_valid_keys(base, prefix)}"
             )
         if isinstance(base[key], DictConfig) and update[key] is not None:
             if not isinstance(update[key], DictConfig):
                 raise ConfigError(f"{prefix}{key} is a section ({_valid_keys(base[key], prefix + key + '.')}); set its keys, not the section")
             _check_keys(base[key], update[key], f"{prefix}{key}.", source)
+        elif not OmegaConf.is_missing(base, key) and not OmegaConf.is_interpolation(update, key):
+            _check_type(f"{prefix}{key}", base[key], update[key], source)
+            if isinstance(base[key], float) and isinstance(update[key], int) and not isinstance(update[key], bool):
+                update[key] = float(update[key])  # a float key stays a float down the recipe chain (0 -> 0.0)
+
+
+def _check_type(key: str, default: Any, value: Any, source: str) -> None:
+    """A value must have its default's type: booleans are strict, numbers are numbers, lists are lists.
+
+    null is accepted anywhere (several keys use it to mean off / automatic); a str or null default is free-form
+    (e.g. lora.targets takes a preset name or a list)."""
+    if value is None or default is None or isinstance(default, str):
+        return
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, ListConfig):
+        ok, want = isinstance(value, ListConfig), "a list, e.g. [a, b]"
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"{key}={_show(value)} in {source}: expected {want} (the default is {_show(default)})")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (ListConfig, DictConfig)):
+        return str(OmegaConf.to_container(value))
+    return str(value)
 
 
 def merge_strict(base: DictConfig, update: DictConfig, source: str, allow_new_sections: bool = False) -> DictConfig:

@@ -68,3 +68,32 @@ def test_child_recipe_may_add_a_section_which_is_then_strict(tmp_path):
         load_config(str(child), ["mydefense.strenght=3"])
     with pytest.raises(ConfigError, match="unknown key 'mydefense'"):
         load_config("lora", ["mydefense.strength=3"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=abc", "train.max_steps=abc in the command line: expected an integer"),
+    ("optim.lr=fast", "optim.lr=fast in the command line: expected a number"),
+    ("export.kohya=flase", "export.kohya=flase in the command line: expected true or false"),
+    ("data.random_flip=1", "data.random_flip=1 in the command line: expected true or false"),
+    ("eval.attacks=loss", "eval.attacks=loss in the command line: expected a list"),
+    ("train.max_steps=2.5", "expected an integer"),
+])
+def test_wrong_value_types_are_named_before_anything_runs(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("lora", [override])
+
+
+def test_values_of_the_right_type_pass_and_unknown_keys_suggest_the_closest():
+    cfg = load_config("dpsgd", ["dp.target_epsilon=4", "lora.targets=[to_q,to_k]", "dp.delta=null", "export.kohya=true"])
+    assert cfg.dp.target_epsilon == 4 and list(cfg.lora.targets) == ["to_q", "to_k"] and cfg.export.kohya is True
+    with pytest.raises(ConfigError, match=r"did you mean 'optim.weight_decay'"):
+        load_config("lora", ["optim.weight_decy=0.1"])
+
+
+def test_calibration_fraction_out_of_range_fails_before_training(tmp_path, capsys):
+    from privtune.train import main
+
+    run = tmp_path / "run"
+    assert main(["recipe=lora", f"output_dir={run}", "eval.calibration_fraction=1.5"]) == 2
+    assert "eval.calibration_fraction must be in (0, 1)" in capsys.readouterr().err
+    assert not run.exists()

@@ -18,6 +18,7 @@ from .conftest import prepare_trainer, train_args
 torch.set_num_threads(1)
 
 SMALL = ("data.auxiliary_members=4", "mp.attacker_nonmembers=4")
+PAPER = ("mp.cap_at_chance=false", "mp.privacy_gradient_scale=1")  # the paper's objective (smp_lora's defaults strengthen it)
 
 
 def mp_args(recipe, run_dir, *extra, steps=3):
@@ -83,7 +84,7 @@ def test_defended_loss_equals_formula_on_a_fixed_batch(tmp_path, base_model, rec
     """compute_loss = the spec's formula: L_ada from draw 1, CE of the attacker on the loss map of draw 2."""
     lam, beta, delta = 0.7, 0.5, 0.25
     trainer = prepared(recipe, tmp_path / "run", f"model.base={base_model}", f"mp.lambda={lam}", f"mp.beta={beta}",
-                       f"mp.delta={delta}", "mp.attacker_dropout=0")
+                       f"mp.delta={delta}", "mp.attacker_dropout=0", *PAPER)
     batch = trainer.micro_batch(0)
     (n1, t1), (n2, t2) = fixed_draws(trainer, 2)
     loss, logs = trainer.compute_loss(batch)
@@ -160,6 +161,24 @@ def test_privacy_gradient_scale_scales_only_the_attack_term(tmp_path, base_model
     privacy = grads[1.0] - grads[0.0]
     assert privacy.norm() > 1e-4 * grads[0.0].norm()
     torch.testing.assert_close(grads[3.0], grads[0.0] + 3 * privacy, rtol=1e-3, atol=1e-7)
+
+
+def test_cap_at_chance_stops_rewarding_members_pushed_past_chance(tmp_path, base_model):
+    """Rows the attacker already calls non-members add log 2 and no gradient; the rest count as before."""
+    trainer = prepared("smp_lora", tmp_path / "run", f"model.base={base_model}", "mp.cap_at_chance=true", "mp.attacker_dropout=0")
+    n = trainer.micro_batch(0).latents.shape[0]
+    features = torch.randn(n, trainer.attacker.in_features, requires_grad=True)
+    last = [m for m in trainer.attacker.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([5.0, 0.0]))  # every row: confidently a non-member (CE ~ 5 > log 2)
+    ce = trainer.attack_term(features)
+    assert ce.item() == pytest.approx(math.log(2))
+    (grad,) = torch.autograd.grad(ce, features, allow_unused=True)
+    assert grad is None or grad.abs().max() == 0
+    with torch.no_grad():
+        last.bias.copy_(torch.tensor([0.0, 5.0]))  # confidently members: below the cap, unchanged from the paper's CE
+    assert trainer.attack_term(features).item() == pytest.approx(member_ce(trainer.attacker(features)).item(), rel=1e-6)
 
 
 # ------------------------------------------------------------------ the two phases

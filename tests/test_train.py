@@ -176,3 +176,34 @@ def test_accelerate_two_processes(tmp_path, base_model):
     assert "on 2 processes (MULTI_CPU" in out.stdout
     weights = lora_weights(run)
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_card_usage_snippet_runs_as_printed_for_the_embedded_base(tmp_path):
+    run = tmp_path / "run"
+    assert main([*train_args(run, steps=2)[:-1], "model.base=embedded", "eval.enabled=true", "eval.attacks=[loss]",
+                 "eval.utility=false", "eval.bootstrap=20"]) == 0
+    card = (run / "lora" / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "base_model" not in front  # not a hub id
+    code = card.split("```python\n")[1].split("```")[0].replace("path/to/this/lora", str(run / "lora"))
+    assert "from privtune.embedded import embedded" in code
+    out = subprocess.run([sys.executable, "-c", code + "\nprint('SIZE', image.size)"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "SIZE (32, 32)" in out.stdout
+
+
+def test_evaluation_metrics_reach_the_tracker_at_the_final_step(tmp_path, base_model):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert main([*train_args(run, f"model.base={base_model}", steps=3)[:-1], "tracking=tensorboard", "eval.enabled=true",
+                 "eval.attacks=[loss]", "eval.utility=false", "eval.bootstrap=20"]) == 0
+    steps = {}
+    for events in (run / "logs").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            steps[tag] = {e.step for e in acc.Scalars(tag)}
+    evaluated = {tag: s for tag, s in steps.items() if tag.startswith("eval/")}
+    assert evaluated and all(s == {3} for s in evaluated.values()), evaluated

@@ -194,17 +194,27 @@ def render_card(report: Mapping[str, Any], *, base_model: str, license: str, rep
     d = report.get("defense") or {}
     defense = str(d.get("name") or "none")
     tag = re.sub(r"[^a-z0-9-]+", "-", defense.lower()).strip("-") or "none"
-    shown_base = LOCAL_PATH if looks_like_path(base_model) else base_model
+    from ..embedded import is_embedded
+
+    packaged = is_embedded(base_model)
+    shown_base = (f"{base_model} (privtune's tiny SD, installed with the package)" if packaged
+                  else LOCAL_PATH if looks_like_path(base_model) else base_model)
     tags = list(dict.fromkeys(["stable-diffusion", "lora", "privtune", tag, "text-to-image", "diffusers"]))
     front = {"tags": tags, "license": license,
              "library_name": "diffusers"}
-    if shown_base != LOCAL_PATH:
+    if shown_base != LOCAL_PATH and not packaged:  # base_model must be a hub id
         front = {"base_model": base_model, **front}
     summary = best_attack(report)
     privacy = report.get("privacy")
     split = report.get("split_sizes") or {}
     protocol = report.get("protocol") or {}
     load_base = base_model if shown_base != LOCAL_PATH else "path/to/base-model"
+    imports = ["from diffusers import StableDiffusionPipeline"]
+    if packaged:
+        imports.append("from privtune.embedded import embedded")
+        load_expr = f'str(embedded("{base_model}").model)'
+    else:
+        load_expr = f'"{load_base}"'
 
     out = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
     undefended = defense.lower() in UNDEFENDED
@@ -213,8 +223,8 @@ def render_card(report: Mapping[str, Any], *, base_model: str, license: str, rep
     out += [f"A LoRA adapter for `{shown_base}` fine-tuned with privtune {how}, "
             "then audited with membership-inference attacks (MIAs) that try to tell its training images "
             "from held-out images of the same distribution.", ""]
-    out += ["## Usage", "", "```python", "from diffusers import StableDiffusionPipeline", "",
-            f'pipe = StableDiffusionPipeline.from_pretrained("{load_base}")',
+    out += ["## Usage", "", "```python", *imports, "",
+            f'pipe = StableDiffusionPipeline.from_pretrained({load_expr})',
             f'pipe.load_lora_weights("path/to/this/lora", weight_name="{LORA_FILE}")',
             'image = pipe("a prompt", num_inference_steps=25).images[0]', "```", ""]
     out += ["## Privacy card", "", md_table(["Setting", "Value"], _defense_rows(report, shown_base)), ""]

@@ -453,12 +453,15 @@ def plot_roc(report: Mapping[str, Any], path: Path) -> Path | None:
     fig = _figure(6.0, 5.4)
     ax = fig.add_subplot()
     ax.plot([lo, 1.0], [lo, 1.0], ls="--", color="0.55", lw=1.2, label="chance (AUC 0.500)")
-    for name, fpr, tpr, auc_entry, _ in curves:
-        ax.plot(np.clip(fpr, lo, 1.0), np.clip(tpr, lo, 1.0), lw=1.8, label=f"{name} (AUC {fmt_ci(auc_entry)})")
+    styles = ("-", "--", "-.", ":")
+    for i, (name, fpr, tpr, auc_entry, _) in enumerate(curves):
+        # identical curves (e.g. two attacks at AUC 1.0) stay visible: thinner and differently dashed on top
+        ax.plot(np.clip(fpr, lo, 1.0), np.clip(tpr, lo, 1.0), lw=max(1.2, 3.6 - 0.8 * i), ls=styles[i % len(styles)],
+                label=f"{name} (AUC {fmt_ci(auc_entry)})", clip_on=False, zorder=3 + i)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlim(lo, 1.0)
-    ax.set_ylim(lo, 1.0)
+    ax.set_xlim(lo, 1.25)  # a margin past 1, so a curve along TPR = 1 (AUC 1.0) is not hidden by the frame
+    ax.set_ylim(lo, 1.25)
     for x in (1e-2, 1e-3):
         if x > lo:
             ax.axvline(x, color="0.75", lw=0.8, ls=":", zorder=0)

@@ -206,8 +206,8 @@ def _deployed_sections(cfg, components, unet, predictor, alphas, members, nonmem
                                             privacy, device, progress=is_main))
         if write:
             paths = write_report(run_dir, report)
-            if accelerator is not None:
-                log_report(accelerator, report, paths)
+            if accelerator is not None:  # at the last training step, beside the training curves (not at step 0)
+                log_report(accelerator, report, paths, step=int(cfg.train.max_steps))
             if lora_dir is not None and Path(lora_dir).is_dir():
                 forbidden = [r.caption for r in split.members + split.nonmembers] + [r.id for r in split.members + split.nonmembers]
                 forbidden += [str(Path(run_dir).resolve()), str(run_dir)]
@@ -252,7 +252,7 @@ def base_model_name(cfg) -> str:
     from ..embedded import embedded, is_embedded
 
     if is_embedded(base):
-        return f"privtune/{embedded(base).model.name} (embedded)"
+        return f"embedded:{embedded(base).name}"
     return "<local checkpoint>" if Path(base).exists() else base
 
 

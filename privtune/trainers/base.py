@@ -119,6 +119,9 @@ class Trainer:
 
             check_attacks(cfg.eval.attacks)
             check_max_members(cfg.eval.get("max_members"))
+            if not 0 < float(cfg.eval.calibration_fraction) < 1:
+                raise ConfigError(f"eval.calibration_fraction must be in (0, 1) (got {cfg.eval.calibration_fraction}): that share "
+                                  "of members and non-members fits the attacks, the rest is reported; 0.5 is the default")
             load_baseline(cfg.eval.baseline)
             if cfg.eval.utility and cfg.eval.get("clip_model"):
                 from ..eval.clip_metrics import check_clip_folder

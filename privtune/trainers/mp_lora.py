@@ -17,6 +17,16 @@ D_aux (the attacker's split, `attacker_split.json`) is drawn from rows outside t
 the LoRA trains on the evaluation members plus D_aux^m. The attacker, its optimizer and the per-step
 history (accuracy, gain G = -CE, ...) are checkpointed, so `resume=latest` continues exactly.
 Written to the run folder: `proxy_attacker.csv` (every step) and `proxy_attacker.png`.
+
+Deviations from the paper (the recipe defaults): 32 + 32 auxiliary rows (paper 200 + 200), 1,000 steps at
+lr 1e-3 and attacker lr 1e-4 (paper about 173k steps at 1e-4 / 1e-5), UNet-only rank 16 (paper rank 64 with
+the text encoder). Levers beyond the paper, all off by default, each measured on the portraits benchmark
+(benchmarks/README.md, "SMP-LoRA levers"): `mp.proxy_timesteps` / `mp.proxy_draws` (the attack features at
+fixed timesteps, averaged over noise draws: a stronger proxy, but the LoRA then hides membership at exactly
+those t and nowhere else), `mp.privacy_gradient_scale` (the attack term's gradient times a factor, the
+objective's value unchanged: rebalances the ratio form's L/D^2 against 1/D, but above 1 the LoRA can trade
+its denoising loss for the attacker's error) and `mp.cap_at_chance` (a row's CE counts up to log 2 only, so
+members are not pushed past chance).
 """
 
 from __future__ import annotations
@@ -168,8 +178,16 @@ class MPLoRATrainer(Trainer):
 
     # ------------------------------------------------------------------ the LoRA step (attacker frozen)
     def attack_term(self, features: torch.Tensor) -> torch.Tensor:
-        """CE of the (frozen, dropout-active) attacker labelling the training rows as members."""
-        return member_ce(self.attacker(features))
+        """CE of the (frozen, dropout-active) attacker labelling the training rows as members.
+
+        With mp.cap_at_chance each row's CE counts up to log 2 only: a row the attacker already takes for a
+        non-member earns the LoRA nothing more, so it is not pushed past chance (an inverted, still detectable,
+        signal) at the cost of the denoising loss."""
+        if not self.cfg.mp.get("cap_at_chance", False):
+            return member_ce(self.attacker(features))
+        logits = self.attacker(features).float()
+        labels = torch.full((logits.shape[0],), MEMBER, dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits, labels, reduction="none").clamp(max=math.log(2)).mean()
 
     def objective(self, l_ada: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
         mp = self.cfg.mp
