@@ -374,3 +374,11 @@ def test_failed_runs_are_reported_and_the_others_still_run(tmp_path, base_model,
         assert f"FAILED {run.name} (exit 2); log: {sweep.log_path(run)}" in out.err
         assert "nope" in sweep.log_path(run).read_text()
     assert "2 of 2 runs failed" in out.err and (root / "frontier.md").is_file()
+
+
+def test_benchmark_sweep_files_load_and_name_their_runs():
+    """The sweep behind benchmarks/README.md's frontier stays loadable (every recipe, key and seed valid)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "sweeps" / "issue15_portraits.yaml"
+    sweep = sw.load_sweep(str(path))
+    names = [r.name for r in sweep.runs]
+    assert "lora__seed=2" in names and "dp_style__dp.target_epsilon=1__seed=0" in names and len(names) == 10
