@@ -23,6 +23,7 @@ from .errors import ConfigError
 
 CONFIG = "config.yaml"
 CHANGES = "config_changes.jsonl"
+PHASES = ("teachers",)  # sub-runs a trainer writes inside its folder (DistillMD's phase 1); nothing else is looked into
 
 # Keys (or whole sections, ending in ".") a resumed run may change: none alters the trained weights.
 RESUME_SAFE = (
@@ -36,12 +37,14 @@ RESUME_SAFE = (
 def holds_run(folder: Path) -> bool:
     """True when the folder holds something a new run would destroy: a model, a report or a checkpoint."""
     return ((folder / "lora").exists() or (folder / "report.json").exists()
-            or any(folder.glob("checkpoints/checkpoint-*")) or any(folder.glob("*/checkpoints/checkpoint-*")))
+            or any(folder.glob("checkpoints/checkpoint-*"))
+            or any(any((folder / phase).glob("checkpoints/checkpoint-*")) for phase in PHASES))
 
 
 def started(folder: Path) -> bool:
     """True when a privtune run began here (its config.yaml, or a DistillMD phase 1's), finished or not."""
-    return (folder / CONFIG).is_file() or any(folder.glob(f"*/{CONFIG}")) or holds_run(folder)
+    return ((folder / CONFIG).is_file() or any((folder / phase / CONFIG).is_file() for phase in PHASES)
+            or holds_run(folder))
 
 
 def check_output_folder(folder: Path) -> None:

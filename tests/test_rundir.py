@@ -140,3 +140,13 @@ def test_interrupt_prints_the_resume_line_and_resume_equals_uninterrupted(tmp_pa
     a, b = load_file(full / "lora" / LORA_FILE), load_file(part / "lora" / LORA_FILE)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_parent_of_other_runs_is_never_moved_aside(tmp_path, base_model):
+    """output_dir pointed at a folder that merely contains run folders: nothing of theirs moves."""
+    parent = tmp_path / "runs"
+    (parent / "old").mkdir(parents=True)
+    (parent / "old" / "config.yaml").write_text("trainer: lora\n")
+    assert main(train_args(parent, f"model.base={base_model}", steps=1)) == 0
+    assert (parent / "old" / "config.yaml").read_text() == "trainer: lora\n"
+    assert not any(p.name.startswith("runs.replaced-") for p in tmp_path.iterdir())
