@@ -169,7 +169,7 @@ def evaluate(argv) -> dict:
     from .logging_utils import quiet_libraries
     from .models.loading import freeze, load_components
     from .models.lora import load_lora
-    from .trainers.dualmd import dualmd_release_plan, dualmd_steps, is_dualmd_export, load_dualmd_adapters
+    from .models.dualmd import dualmd_release_plan, dualmd_steps, is_dualmd_export, load_dualmd_adapters
 
     quiet_libraries()
     record_command("privtune.evaluate", argv)

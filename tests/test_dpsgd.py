@@ -207,18 +207,34 @@ def test_silent_failures_are_errors(tmp_path, base_model):
         trainer.optimizer_step(0)
 
 
+def test_tiny_target_epsilon_is_said_before_training():
+    """A budget the accountant can meet only with overwhelming noise (epsilon then reads 0) gets a warning."""
+    from omegaconf import OmegaConf
+
+    from privtune.privacy import plan_budget
+    from privtune.privacy.accounting import budget_warnings
+
+    dp = OmegaConf.create({"accountant": "rdp", "delta": None, "target_epsilon": 1e-6, "max_grad_norm": 1.0,
+                           "noise_multiplier": None})
+    tiny = plan_budget(dp, 8, 4, 4)
+    (line,) = budget_warnings(tiny)
+    assert "learn next to nothing" in line and "dp.target_epsilon=1e-06" in line
+    assert budget_warnings(plan_budget(OmegaConf.merge(dp, {"target_epsilon": 8}), 8, 4, 4)) == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["dp.target_epsilon=0"], "target_epsilon must be > 0"),
     (["dp.target_epsilon=-1"], "target_epsilon must be > 0"),
     (["dp.delta=1"], "dp.delta must be in (0, 1)"),
     (["dp.delta=0.2"], "not below 1/N"),
     (["dp.target_epsilon=1", "train.max_steps=20000"], "noise multiplier above 100"),
+    (["dp.target_epsilon=1e-6", "dp.noise_multiplier=5"], "in its first step"),
     (["dp.accountant=moments"], "dp.accountant must be one of"),
     (["dp.target_epsilon=null"], "set dp.target_epsilon"),
     (["dp.max_grad_norm=.inf"], "unbounded sensitivity"),
     (["dp.noise_multiplicity=0"], "noise_multiplicity must be >= 1"),
     (["dp.sampling_seed=-1"], "dp.sampling_seed must be null"),
-    (["dp.noise_seed=0.5"], "dp.noise_seed must be null"),
+    (["dp.noise_seed=0.5"], "dp.noise_seed=0.5 in the command line: expected an integer or null"),
     (["train.max_grad_norm=1.0"], "train.max_grad_norm=0"),
     (["train.batch_size=16"], "exceeds the 8 training examples"),
 ])

@@ -120,7 +120,7 @@ def test_lambda_zero_is_plain_lora(tmp_path, base_model, recipe, scale):
 def test_fixed_proxy_timesteps_average_draws_per_timestep(tmp_path, base_model):
     """mp.proxy_timesteps: the attack features are the per-t means over proxy_draws loss maps, concatenated."""
     trainer = prepared("smp_lora", tmp_path / "run", f"model.base={base_model}", "mp.proxy_timesteps=[100,300]",
-                       "mp.proxy_draws=3", "mp.attacker_dropout=0")
+                       "mp.proxy_draws=3", "mp.attacker_dropout=0", "mp.cap_at_chance=false")
     batch = trainer.micro_batch(0)
     n, c = batch.latents.shape[0], trainer.components.unet.config.in_channels
     assert trainer.attacker.in_features == 2 * c * 64

@@ -75,11 +75,12 @@ def test_random_augmentation_turns_caching_off(tmp_path, base_model):
     from privtune.config import load_config
     from privtune.trainers import get_trainer
 
-    trainer = prepare_trainer(get_trainer("lora")(load_config("lora", train_args(tmp_path / "r", f"model.base={base_model}", "data.cutout=8")[1:])))
+    cfg = load_config("lora", train_args(tmp_path / "r", f"model.base={base_model}", "data.cutout=8")[1:])
+    trainer = prepare_trainer(get_trainer("lora")(cfg))
     assert trainer.cache is None and trainer.augmentation is not None
     seen = []
     augment = trainer.augmentation
-    trainer.augmentation = lambda pixels, seed, step, rows: seen.append(rows) or augment(pixels, seed, step, rows)
+    trainer.inputs.augmentation = lambda pixels, seed, step, rows: seen.append(rows) or augment(pixels, seed, step, rows)
     batch = trainer.micro_batch(3)
     assert len(seen) == 1 and list(seen[0]) == batch.rows.tolist()
 

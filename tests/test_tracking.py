@@ -156,7 +156,7 @@ def test_trainer_validation_prompts(tmp_path):
         return t
 
     t = trainer()
-    prompts = t.validation_prompts()
+    prompts = t.release.validation_prompts()
     training = {r.caption for r in t.train_records}
     split_ids = {r.id for r in t.split.members + t.split.nonmembers}
     unused = [r for r in t.source.records if r.id not in split_ids]
@@ -167,7 +167,7 @@ def test_trainer_validation_prompts(tmp_path):
 
     AcceleratorState._reset_state(True)
     t = trainer("train.validation_prompts=[caption 0,my own words]")
-    assert t.validation_prompts() == ["caption 0", "my own words"]
+    assert t.release.validation_prompts() == ["caption 0", "my own words"]
 
 
 def test_tracker_captions_are_neutral_unless_the_users_or_opted_in():

@@ -21,15 +21,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..errors import ConfigError
-
-
-def image_seed(seed: int, micro_step: int, row: int, stream: int) -> int:
-    """A 63-bit seed for one image's random augmentation at one step."""
-    return int(np.random.SeedSequence([int(seed), int(micro_step), int(row), int(stream)]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+from ..rng import seeded, torch_generator
 
 
 def cutout(image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -70,11 +65,11 @@ class Augmentation:
         for image, row in zip(pixels, rows):
             if self.randaugment is not None:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(image_seed(seed, micro_step, row, 1))
+                    torch.manual_seed(seeded(seed, "randaugment", micro_step, row))
                     unit = ((image.float().unsqueeze(0) + 1) / 2).clamp(0, 1)
                     image = (self.randaugment(unit)[0] * 2 - 1).to(pixels.dtype)
             if self.cutout_size:
-                image = cutout(image, self.cutout_size, torch.Generator().manual_seed(image_seed(seed, micro_step, row, 2)))
+                image = cutout(image, self.cutout_size, torch_generator(seed, "cutout", micro_step, row))
             out.append(image)
         return torch.stack(out)
 

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import ConfigError
 from .sources import Record, content_hash
+from ..rng import numpy_rng
 
 PREFIX = "canary-"
 
@@ -79,7 +80,7 @@ def make_canaries(node, seed: int, size: int) -> CanarySet | None:
         raise ConfigError(
             f"canaries.count={count} exceeds canaries.references={n_ref}: exposure ranks each canary among the references, "
             f"so draw at least as many references as canaries (raise canaries.references or lower canaries.count)")
-    rng = np.random.default_rng([int(seed), 0xCA7A])
+    rng = numpy_rng(seed, "canaries")
     total = count + n_ref
     candidates, seen = [], set()
     while len(candidates) < total:

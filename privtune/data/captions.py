@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..rng import numpy_rng, torch_generator
 
 
 @dataclass
@@ -100,7 +101,7 @@ class CaptionRandomizer:
 
     def draw(self, record, micro_step: int, row: int) -> CaptionDraw:
         """The caption training row `row` (a Record or a caption string) trains with at `micro_step`."""
-        rng = np.random.default_rng([self.seed, int(micro_step), int(row), 0x5CA])
+        rng = numpy_rng(self.seed, "caption", micro_step, row)
         options = self.variants(record)
         text = options[int(rng.integers(len(options)))] if len(options) > 1 else options[0]
         randomized = False
@@ -119,10 +120,8 @@ class CaptionRandomizer:
     def embedding_noise(self, shape, micro_step: int, rows) -> torch.Tensor:
         """lambda * N(0, I) for the rows of one micro-batch, [B, L, D], seeded by (seed, micro-step, row)."""
         out = torch.empty(tuple(shape))
-        g = torch.Generator()
         for i, r in enumerate(rows):
-            g.manual_seed(int(np.random.default_rng([self.seed, int(micro_step), int(r), 0x6E]).integers(2 ** 62)))
-            out[i] = torch.randn(tuple(shape[1:]), generator=g)
+            out[i] = torch.randn(tuple(shape[1:]), generator=torch_generator(self.seed, "caption-noise", micro_step, r))
         return self.noise * out
 
     def stats(self) -> dict:

@@ -13,13 +13,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 
 from ..errors import ConfigError
 from ..io import atomic_write_json
 from . import dedup
 from .canaries import CanarySet, make_canaries
 from .sources import LoadedSource, Record
+from ..rng import numpy_rng
 
 DUP_MARK = "~dup"
 CANARIES_JSON = "canaries.json"
@@ -70,7 +70,7 @@ class DataStage:
         if k < 0 or k > len(members) or repeats < 1:
             raise ConfigError(f"data.duplicate needs 0 <= members <= data.members ({len(members)}) and repeats >= 1 "
                               f"(got members={k}, repeats={repeats})")
-        pick = np.random.default_rng([int(self.cfg.seed), 0xD0B]).choice(len(members), size=k, replace=False)
+        pick = numpy_rng(self.cfg.seed, "duplicates").choice(len(members), size=k, replace=False)
         chosen = [members[i] for i in sorted(pick.tolist())]
         self.duplicated = {r.id: repeats for r in chosen}
         copies = [replace(r, id=f"{r.id}{DUP_MARK}{j}") for r in chosen for j in range(1, repeats)]
@@ -110,7 +110,8 @@ class DataStage:
         if self.dedup_report is not None:
             report = dict(self.dedup_report)
             if "duplicate_rows_removed_by_dedup" in self.rows_info:
-                report["training_rows"] = {k: self.rows_info[k] for k in ("duplicated", "duplicate_rows_added", "duplicate_rows_removed_by_dedup")}
+                keys = ("duplicated", "duplicate_rows_added", "duplicate_rows_removed_by_dedup")
+                report["training_rows"] = {k: self.rows_info[k] for k in keys}
             dedup.write(run_dir, self.raw_records, self.dedup_result, report, int(self.dedup_node.get("sheet_groups", 8)))
         if self.canaries is not None:
             atomic_write_json(Path(run_dir) / CANARIES_JSON, self.canaries.manifest())

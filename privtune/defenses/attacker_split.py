@@ -20,9 +20,14 @@ from ..data.sources import Record
 from ..data.split import Split, check_disjoint, make_split
 from ..errors import DataError
 from ..io import atomic_write_json
+from ..rng import seeded
 
 ATTACKER_MANIFEST = "attacker_split.json"
-SEED_OFFSET = 7919  # the attacker split's draw differs from the evaluation split's under the same seed
+
+
+def auxiliary_seed(seed: int) -> int:
+    """The attacker split's own stream, so its draw differs from the evaluation split's under the same seed."""
+    return seeded(seed, "auxiliary-split")
 
 
 def unused_records(records: list[Record], split: Split) -> list[Record]:
@@ -49,7 +54,7 @@ def draw_auxiliary_members(records: list[Record], split: Split, members: int, se
         return []
     pool = unused_records(records, split)
     try:
-        return make_split(pool, members, 0, seed + SEED_OFFSET, split.source).members
+        return make_split(pool, members, 0, auxiliary_seed(seed), split.source).members
     except DataError as exc:
         raise DataError(f"cannot draw data.auxiliary_members={members} extra training rows from the {len(pool)} rows outside "
                         f"the evaluation split: {exc}. Lower data.auxiliary_members, data.members or data.nonmembers, "
@@ -60,7 +65,7 @@ def make_attacker_split(records: list[Record], split: Split, members: int, nonme
     """Draw D_aux^m and D_aux^nm from the rows the evaluation split leaves unused."""
     pool = unused_records(records, split)
     try:
-        aux = make_split(pool, members, nonmembers, seed + SEED_OFFSET, split.source)
+        aux = make_split(pool, members, nonmembers, auxiliary_seed(seed), split.source)
     except DataError as exc:
         raise DataError(
             f"cannot draw the proxy attacker's split ({members} members + {nonmembers} non-members) from the "

@@ -23,9 +23,10 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .attacks import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples
+from .attacks import ATTACKS, Attack, AttackTarget, EncodedSamples
 from .attacks.base import member_labels
 from .metrics import auc, calibrated_accuracy, evaluate_scores
+from ..rng import numpy_rng
 
 
 @dataclass
@@ -34,6 +35,11 @@ class CalibrationSplit:
     calibration_nonmembers: EncodedSamples
     report_members: EncodedSamples
     report_nonmembers: EncodedSamples
+
+
+def calibration_order(seed: int, role: int, n: int) -> np.ndarray:
+    """The seeded order that cuts members (role 0) or non-members (role 1) into calibration and report parts."""
+    return numpy_rng(seed, "calibration", role).permutation(n)
 
 
 def split_calibration(
@@ -51,7 +57,7 @@ def split_calibration(
                 f"cannot split {n} {'members' if role == 0 else 'non-members'} into calibration and report "
                 f"parts with fraction {fraction}; each part needs at least one sample"
             )
-        perm = np.random.default_rng([int(seed), role]).permutation(n)
+        perm = calibration_order(seed, role, n)
         parts.append((samples.subset(np.sort(perm[:n_cal])), samples.subset(np.sort(perm[n_cal:]))))
     return CalibrationSplit(parts[0][0], parts[1][0], parts[0][1], parts[1][1])
 

@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ..losses import denoising_loss
 from .attention import check_layers, entropy, install_probe
 from .wen import magnitude
+from ..rng import numpy_rng, torch_generator
 
 METHODS = ("none", "wen", "ren")
 
@@ -68,7 +69,9 @@ def calibration_records(trainer, cfg) -> list:
     if cfg.calibration == "nonmembers":
         n = len(split.nonmembers)
         fraction = float(trainer.cfg.eval.calibration_fraction)
-        perm = np.random.default_rng([int(trainer.cfg.seed), 1]).permutation(n)
+        from ..eval.runner import calibration_order
+
+        perm = calibration_order(int(trainer.cfg.seed), 1, n)  # the attacks' calibration non-members, never reported ones
         pool = [split.nonmembers[i] for i in np.sort(perm[:int(round(fraction * n))])]
     else:
         used = {r.id for r in split.members} | {r.id for r in split.nonmembers}
@@ -78,7 +81,7 @@ def calibration_records(trainer, cfg) -> list:
         raise ConfigError(
             f"memorization_filter.calibration={cfg.calibration} leaves {len(pool)} known non-members to calibrate tau on; "
             f"use calibration=nonmembers, a larger data source, or an absolute memorization_filter.threshold")
-    order = np.random.default_rng([int(trainer.cfg.seed), 0xCA1]).permutation(len(pool))
+    order = numpy_rng(trainer.cfg.seed, "filter-calibration-pool").permutation(len(pool))
     return [pool[i] for i in order[:n_rows]]
 
 
@@ -137,7 +140,7 @@ class SampleFilter:
         k = int(self.cfg.calibration_draws)
         latents = enc.latents.repeat_interleave(k, 0)
         states = enc.cond.repeat_interleave(k, 0).to(trainer.weight_dtype)
-        g = torch.Generator().manual_seed(int(trainer.cfg.seed) * 7919 + 17)
+        g = torch_generator(trainer.cfg.seed, "filter-calibration-noise")
         noise = torch.randn(latents.shape, generator=g).to(latents.device)
         t = torch.randint(0, comps.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=g).to(latents.device)
         values = []

@@ -97,3 +97,18 @@ def plan_budget(dp, num_examples: int, expected_batch: int, steps: int) -> Budge
         sigma = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps,
                                      accountant=dp.accountant)
     return Budget(sigma, q, delta, target, steps, dp.accountant)
+
+
+HEAVY_NOISE = 20.0  # sigma at which the Gaussian noise is 20x the clipping norm per step
+
+
+def budget_warnings(budget: Budget) -> list[str]:
+    """Plain words for a budget that trains but learns next to nothing (said before training, not found after)."""
+    sigma = budget.noise_multiplier
+    if budget.target_epsilon is None or sigma < HEAVY_NOISE:
+        return []
+    return [f"dp.target_epsilon={budget.target_epsilon:g} needs noise multiplier {sigma:.3g}: each step's noise is "
+            f"{sigma:.3g}x the clipping norm, so the LoRA will learn next to nothing, and epsilon may be reported as 0 "
+            f"(below the accountant's precision). Raise dp.target_epsilon, train longer on more rows, or use a larger "
+            f"expected batch"]
+

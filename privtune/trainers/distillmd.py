@@ -28,8 +28,10 @@ from omegaconf import OmegaConf
 from ..errors import ConfigError
 from ..export import LORA_DIR, LORA_FILE
 from ..models.lora import load_adapter, lora_config, use_adapter
+from ..models.dualmd import ADAPTERS, EXPORT_DIRS
+from . import capabilities
 from .base import Batch, Trainer
-from .dualmd import ADAPTERS, EXPORT_DIRS, HALVES_FILE, DualMDTrainer, PromptDiversification, check_two_adapter_config, halves_from_file
+from .dualmd import HALVES_FILE, TWO_ADAPTER_LIMITS, DualMDTrainer, PromptDiversification, check_two_adapter_config, halves_from_file
 from .registry import TRAINERS
 
 STUDENT = "default"
@@ -63,6 +65,8 @@ class DistillMDTrainer(PromptDiversification, Trainer):
     """The student adapter regresses onto the unseen teacher's prediction; teachers A / B stay frozen."""
 
     name = "distillmd"
+    supports = capabilities.ALL - {"memorization_filter", *TWO_ADAPTER_LIMITS}
+    unsupported_reasons = {**TWO_ADAPTER_LIMITS, "memorization_filter": "its loss regresses onto the teachers, not the data"}
 
     def validate_config(self) -> None:
         super().validate_config()
@@ -81,17 +85,11 @@ class DistillMDTrainer(PromptDiversification, Trainer):
             raise ConfigError(f"distillmd trains its teachers with train.batch_size split between A and B; make it even and >= 2 "
                               f"(got {cfg.train.batch_size})")
 
-    def setup_accelerator(self) -> None:
-        super().setup_accelerator()
-        if self.accelerator.num_processes > 1:
-            raise ConfigError("distillmd runs in a single process (the teacher and student forwards would leave DDP with "
-                              "unused parameters); launch it without accelerate multi-process")
-
     def check_run_dir(self) -> None:
         """A run interrupted in phase 1 has only teachers/ yet; resume=latest must accept it."""
         cfg = self.cfg
         if cfg.resume == "latest" and not (self.run_dir / "config.yaml").exists() and (self.run_dir / TEACHERS_DIR / "config.yaml").exists():
-            self.resume_changes, self.replaces = {}, None
+            self.folder.resume_changes, self.folder.replaces = {}, None
             return
         super().check_run_dir()
         self.claim_run_dir()  # phase 1 writes teachers/ during setup_data, so a replaced folder goes aside now

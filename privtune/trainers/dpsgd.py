@@ -47,7 +47,10 @@ from ..errors import ConfigError, PrivtuneError
 from ..io import atomic_write_json
 from ..losses import denoising_loss
 from ..privacy import ACCOUNTANTS, epsilon_spent, make_accountant, plan_budget
-from .base import Batch, Trainer, step_seed
+from ..privacy.accounting import budget_warnings
+from ..rng import numpy_rng, seeded
+from . import capabilities, steps
+from .base import Batch, Trainer
 from .registry import TRAINERS
 from .sampling import BatchSchedule
 
@@ -81,7 +84,7 @@ class DPSchedule:
     def reseed(self, seed: int) -> None:
         """Draw every batch from sampling seed `seed` from now on (drops the cached step)."""
         self.seed = int(seed)
-        self._shuffle = BatchSchedule(self.num_rows, self.expected, self.seed, 0, 1, self.random_flip)
+        self._shuffle = BatchSchedule(self.num_rows, self.expected, self.seed, 0, 1, self.random_flip)  # the plain schedule under the secret seed
         self._cached: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
 
     def logical(self, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,9 +92,9 @@ class DPSchedule:
         if self._cached is not None and self._cached[0] == step:
             return self._cached[1]
         if self.poisson:
-            rows = np.flatnonzero(np.random.default_rng([self.seed, step, 11]).random(self.num_rows) < self.sample_rate)
+            rows = np.flatnonzero(numpy_rng(self.seed, "dp-poisson", step).random(self.num_rows) < self.sample_rate)
             if self.random_flip:
-                flips = np.random.default_rng([self.seed, step, 7]).random(self.num_rows)[rows] < 0.5
+                flips = numpy_rng(self.seed, "dp-flip", step).random(self.num_rows)[rows] < 0.5
             else:
                 flips = np.zeros(len(rows), dtype=bool)
             out = (rows, flips)
@@ -143,7 +146,7 @@ class DPState:
             schedule.reseed(self.sampling_seed)
 
     def begin_step(self, step: int) -> None:
-        self.generator.manual_seed(step_seed(self.noise_seed, step))
+        self.generator.manual_seed(seeded(self.noise_seed, "dp-noise", step))
 
     def state_dict(self) -> dict:
         history = torch.tensor([list(h) for h in self.accountant.history], dtype=torch.float64).reshape(-1, 3)
@@ -209,6 +212,14 @@ class DPSGDTrainer(Trainer):
     """DP-SGD (per-example clipping + Gaussian noise + accountant) on the UNet's LoRA parameters."""
 
     name = "dpsgd"
+    supports = capabilities.ALL - {"memorization_filter", "text_encoder", "gradient_checkpointing", "fp16", "max_grad_norm"}
+    unsupported_reasons = {
+        "memorization_filter": "its loss is the per-example DP loss",
+        "text_encoder": "a text-encoder LoRA would share the budget",
+        "gradient_checkpointing": "Opacus hooks would see each forward twice",
+        "fp16": "it would scale per-example gradients before clipping",
+        "max_grad_norm": "it clips per example with dp.max_grad_norm",
+    }
 
     # ------------------------------------------------------------------ checks and budget
     def validate_config(self) -> None:
@@ -229,14 +240,6 @@ class DPSGDTrainer(Trainer):
             raise ConfigError(f"dp.delta must be in (0, 1) (got {dp.delta})")
         check_seed(dp, "noise_seed")
         check_seed(dp, "sampling_seed")
-        if cfg.lora.text_encoder:
-            raise ConfigError("dpsgd trains UNet LoRA only; set lora.text_encoder=false (a text-encoder LoRA would share the budget)")
-        if cfg.train.gradient_checkpointing:
-            raise ConfigError("dpsgd does not support train.gradient_checkpointing (Opacus hooks would see each forward twice)")
-        if cfg.train.mixed_precision == "fp16":
-            raise ConfigError("dpsgd does not support fp16 loss scaling (it would scale per-example gradients); use bf16 or no")
-        if cfg.train.max_grad_norm:
-            raise ConfigError("dpsgd clips per example with dp.max_grad_norm; set train.max_grad_norm=0")
 
     @property
     def expected_batch(self) -> int:
@@ -246,6 +249,9 @@ class DPSGDTrainer(Trainer):
     def setup_data(self) -> None:
         super().setup_data()
         self.budget = plan_budget(self.cfg.dp, len(self.train_records), self.expected_batch, self.cfg.train.max_steps)
+        if self.is_main:
+            for line in budget_warnings(self.budget):
+                print(f"privtune: warning: {line}")
 
     # ------------------------------------------------------------------ model hooks and state
     def prepare(self) -> None:
@@ -362,9 +368,7 @@ class DPSGDTrainer(Trainer):
         for p, t in zip(self.trainable, total):
             p.grad = ((t + self.noise(t)) / self.expected_batch).to(p.dtype)
         moves = self.optimizer.param_groups[0]["lr"] > 0 and any(bool(p.grad.abs().sum() > 0) for p in self.trainable)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        steps.apply_update(self, clip_groups=[])  # clipping happened per example above
         self.accountant.step(noise_multiplier=self.budget.noise_multiplier, sample_rate=self.budget.sample_rate)
         if before is not None:
             self._check_update(before, moves)

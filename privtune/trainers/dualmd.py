@@ -19,10 +19,7 @@ the LoRA parameters unused per forward, which DDP would reject.
 from __future__ import annotations
 
 import json
-import re
-from contextlib import contextmanager
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +27,17 @@ import torch
 
 from .. import export as exporter
 from ..errors import ConfigError, DataError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json
 from ..models.alternation import AdapterAlternation, ddim_timesteps
-from ..models.lora import active_adapter, add_lora, lora_state_dict, use_adapter
+from ..models.dualmd import ADAPTERS, EXPORT_DIRS, dualmd_release_plan, export_dualmd, rewrite_card_usage
+from ..models.lora import add_lora, use_adapter
+from ..rng import numpy_rng
+from . import capabilities, steps
 from .base import Batch, Trainer
 from .registry import TRAINERS
 from .sampling import BatchSchedule
 
-ADAPTERS = ("A", "B")
-EXPORT_DIRS = {"A": "adapter_a", "B": "adapter_b"}
 HALVES_FILE = "dualmd_halves.json"
-HELPER_FILE = "dualmd_sampling.py"
 
 
 def split_halves(records, seed: int) -> tuple[list[int], list[int]]:
@@ -53,7 +50,7 @@ def split_halves(records, seed: int) -> tuple[list[int], list[int]]:
     for i, r in enumerate(records):
         groups.setdefault(r.group, []).append(i)
     order = sorted(groups)
-    order = [order[i] for i in np.random.default_rng([int(seed), 0xD0A1]).permutation(len(order))]
+    order = [order[i] for i in numpy_rng(seed, "dualmd-halves").permutation(len(order))]
     halves: tuple[list[int], list[int]] = ([], [])
     for g in order:
         halves[0 if len(halves[0]) <= len(halves[1]) else 1].extend(groups[g])
@@ -66,9 +63,9 @@ def split_halves(records, seed: int) -> tuple[list[int], list[int]]:
 class HalfSchedule:
     """A BatchSchedule over one half's rows, returning row indices of the full training set."""
 
-    def __init__(self, index, batch_size: int, seed: int, random_flip: bool):
+    def __init__(self, index, batch_size: int, seed: int, random_flip: bool, stream: str):
         self.index = np.asarray(index, dtype=np.int64)
-        self.inner = BatchSchedule(len(self.index), batch_size, seed, 0, 1, random_flip)
+        self.inner = BatchSchedule(len(self.index), batch_size, seed, 0, 1, random_flip, stream=stream)
 
     def rows(self, micro_step: int) -> tuple[np.ndarray, np.ndarray]:
         rows, flips = self.inner.rows(micro_step)
@@ -93,17 +90,19 @@ class PromptDiversification:
         captions = []
         for r in batch.rows.tolist():
             options = self.caption_choices[r]
-            captions.append(options[int(np.random.default_rng([int(self.cfg.seed), micro_step, r, 31]).integers(len(options)))])
+            captions.append(options[int(numpy_rng(self.cfg.seed, "caption-choice", micro_step, r).integers(len(options)))])
         with torch.no_grad():
             states = self.encode_text(self.tokenize(captions))
         return replace(batch, encoder_hidden_states=states.to(self.device, self.weight_dtype))
 
 
+TWO_ADAPTER_LIMITS = {"text_encoder": "it trains UNet adapters only",
+                      "multi_process": "the two adapters' forwards would leave DDP with unused parameters"}
+
+
 def check_two_adapter_config(cfg, name: str) -> None:
     if "dualmd" not in cfg:
         raise ConfigError(f"trainer {name} needs a dualmd: section; use recipe={name} (or inherit from it)")
-    if cfg.lora.text_encoder:
-        raise ConfigError(f"{name} trains UNet adapters only; set lora.text_encoder=false")
     if int(cfg.dualmd.inference_steps) < 1:
         raise ConfigError(f"dualmd.inference_steps must be >= 1 (got {cfg.dualmd.inference_steps})")
 
@@ -113,6 +112,8 @@ class DualMDTrainer(PromptDiversification, Trainer):
     """Adapters A and B on disjoint halves of the members; deployed and attacked as the alternating sampler."""
 
     name = "dualmd"
+    supports = capabilities.ALL - set(TWO_ADAPTER_LIMITS)
+    unsupported_reasons = TWO_ADAPTER_LIMITS
 
     def validate_config(self) -> None:
         super().validate_config()
@@ -121,12 +122,6 @@ class DualMDTrainer(PromptDiversification, Trainer):
         if cfg.train.batch_size < 2 or cfg.train.batch_size % 2:
             raise ConfigError(f"dualmd splits train.batch_size evenly between adapters A and B; make it even and >= 2 "
                               f"(got {cfg.train.batch_size})")
-
-    def setup_accelerator(self) -> None:
-        super().setup_accelerator()
-        if self.accelerator.num_processes > 1:
-            raise ConfigError(f"{self.name} runs in a single process (the two adapters' forwards would leave DDP with "
-                              "unused parameters); launch it without accelerate multi-process")
 
     # ------------------------------------------------------------------ data
     @property
@@ -164,8 +159,8 @@ class DualMDTrainer(PromptDiversification, Trainer):
     def prepare(self) -> None:
         super().prepare()
         half_batch = self.cfg.train.batch_size // 2
-        self.half_schedules = [HalfSchedule(half, half_batch, int(self.cfg.seed) * 1_000_003 + 101 * (k + 1), self.cfg.data.random_flip)
-                               for k, half in enumerate(self.halves)]
+        self.half_schedules = [HalfSchedule(half, half_batch, int(self.cfg.seed), self.cfg.data.random_flip, f"dualmd-half-{name}")
+                               for name, half in zip(ADAPTERS, self.halves)]
 
     @property
     def unet(self):
@@ -173,25 +168,23 @@ class DualMDTrainer(PromptDiversification, Trainer):
 
     # ------------------------------------------------------------------ step
     def optimizer_step(self, micro_step: int) -> dict:
-        """Both adapters' denoising losses on their own halves' rows, then one optimizer step."""
-        acc = self.accelerator
-        logs: dict = {}
-        for a in range(self.cfg.train.gradient_accumulation_steps):
-            with acc.accumulate(self.components.unet):
-                for name, schedule in zip(ADAPTERS, self.half_schedules):
-                    use_adapter(self.unet, name)
-                    batch = self.micro_batch(micro_step + a, schedule)
-                    loss, _ = self.compute_loss(batch)
-                    acc.backward(loss)
-                    logs[f"loss_{name.lower()}"] = loss.detach().item()
-                if acc.sync_gradients and self.cfg.train.max_grad_norm:
-                    for name in ADAPTERS:
-                        acc.clip_grad_norm_(self.adapter_params[name], self.cfg.train.max_grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-        logs["loss"] = (logs["loss_a"] + logs["loss_b"]) / 2
-        return logs
+        """Both adapters' denoising losses on their own halves' rows, then one update (steps.apply_update)."""
+
+        def backward(m: int) -> dict:
+            logs = {}
+            for name, schedule in zip(ADAPTERS, self.half_schedules):
+                use_adapter(self.unet, name)
+                loss, _ = self.compute_loss(self.micro_batch(m, schedule))
+                self.accelerator.backward(loss)
+                logs[f"loss_{name.lower()}"] = loss.detach().item()
+            logs["loss"] = (logs["loss_a"] + logs["loss_b"]) / 2
+            return logs
+
+        return steps.accumulated_step(self, micro_step, backward)
+
+    def clip_groups(self) -> list[list[torch.nn.Parameter]]:
+        """Clipped per adapter: they are independent models."""
+        return [self.adapter_params[name] for name in ADAPTERS]
 
     # ------------------------------------------------------------------ sampling, export, evaluation
     def alternation(self, num_inference_steps: int) -> AdapterAlternation:
@@ -235,95 +228,4 @@ def halves_from_file(path: Path, records) -> tuple[list[int], list[int]]:
     return halves[0], halves[1]
 
 
-def export_dualmd(folder: Path, unet, lora_config, kohya: bool = False, inference_steps: int = 25) -> Path:
-    """lora/adapter_a, lora/adapter_b (diffusers format), the plain-diffusers sampling helper and dualmd.json."""
-    from ..models import dualmd_sampling
-
-    folder = Path(folder)
-    for name, sub in EXPORT_DIRS.items():
-        exporter.save_lora_folder(folder / sub, lora_state_dict(unet, name), lora_config, kohya=kohya)
-    atomic_write_text(folder / HELPER_FILE, Path(dualmd_sampling.__file__).read_text())
-    atomic_write_json(folder / "dualmd.json", {
-        "format": "privtune-dualmd-v1", "adapters": dict(EXPORT_DIRS), "scheduler": "DDIM",
-        "rule": "adapter A on even denoising steps (0, 2, ...), B on odd ones; one adapter for both CFG halves",
-        "evaluated_inference_steps": inference_steps, "helper": HELPER_FILE,
-    })
-    return folder
-
-
-def is_dualmd_export(folder) -> bool:
-    return (Path(folder) / "dualmd.json").is_file()
-
-
-def load_dualmd_adapters(components, folder) -> None:
-    """Load an exported DualMD pair as adapters A and B of `components.unet` (A active)."""
-    from ..models.lora import load_lora
-
-    for name, sub in EXPORT_DIRS.items():
-        load_lora(components, Path(folder) / sub, name)
-    use_adapter(components.unet, ADAPTERS[0])
-
-
-def dualmd_steps(cfg) -> int:
-    """The deployed schedule's length: the run's `dualmd.inference_steps` (else `eval.utility_inference_steps`)."""
-    return int(cfg.dualmd.inference_steps if "dualmd" in cfg else cfg.eval.utility_inference_steps)
-
-
-@contextmanager
-def only_adapter(unet, name: str):
-    """Adapter `name` alone, as an attacker holding just that file would run it; restores the active one."""
-    previous = active_adapter(unet)
-    use_adapter(unet, name)
-    try:
-        yield
-    finally:
-        use_adapter(unet, previous)
-
-
-DUALMD_THREAT = ("white-box over the released files (adapter_a, adapter_b): the attacker runs each adapter alone, "
-                 "the per-sample best of the two, and the deployed alternating sampler, fitting each attack's direction "
-                 "and threshold on calibration data of known membership; the strongest is reported")
-
-
-def dualmd_release_plan(unet, scheduler_config, steps: int) -> dict:
-    """What a DualMD run ships, for `evaluate_model`: both adapter files, their alternating sampler
-    (the deployed model) and the adapters' per-sample best combination."""
-    from ..eval.runner import Release
-
-    timesteps = ddim_timesteps(scheduler_config, int(steps))
-    releases = [
-        Release("alternating", description=f"adapters A / B alternated over a {steps}-step DDIM sampler (the deployed model)",
-                context=lambda: AdapterAlternation(unet, timesteps, ADAPTERS), deployed=True),
-        Release("adapter_a", description="lora/adapter_a alone over the base model", context=partial(only_adapter, unet, "A"),
-                deployed=False),
-        Release("adapter_b", description="lora/adapter_b alone over the base model", context=partial(only_adapter, unet, "B"),
-                deployed=False),
-    ]
-    return {"releases": releases, "combinations": [("adapter_a", "adapter_b")], "threat_model": DUALMD_THREAT}
-
-
-def usage_lines(base_model: str, steps: int) -> list[str]:
-    return ["## Usage", "",
-            "Two adapters (DualMD): `adapter_a` and `adapter_b` must be alternated across DDIM steps "
-            "(A on even steps, B on odd ones); either one alone is not the audited model. "
-            f"`{HELPER_FILE}` (next to this card, needs only diffusers) does it:", "",
-            "```python", "from diffusers import StableDiffusionPipeline",
-            "from dualmd_sampling import load_dualmd, generate", "",
-            f'pipe = load_dualmd(StableDiffusionPipeline.from_pretrained("{base_model}"), "path/to/this/lora")',
-            f'image = generate(pipe, "a prompt", num_inference_steps={steps}).images[0]', "```", ""]
-
-
-def rewrite_card_usage(lora_dir: Path, base_model: str, steps: int) -> None:
-    """Replace the single-LoRA usage section of the written model card with the DualMD one."""
-    from ..eval.card import CARD_FILE, LOCAL_PATH, looks_like_path
-
-    card = Path(lora_dir) / CARD_FILE
-    if not card.is_file():
-        return
-    shown = "path/to/base-model" if looks_like_path(base_model) or base_model == LOCAL_PATH else base_model
-    text = card.read_text()
-    new = re.sub(r"## Usage\n.*?(?=## Privacy card)", lambda m: "\n".join(usage_lines(shown, steps)) + "\n", text, count=1, flags=re.S)
-    atomic_write_text(card, new)
-
-
-__all__ = ["DualMDTrainer", "split_halves", "export_dualmd", "ADAPTERS", "EXPORT_DIRS", "HALVES_FILE"]
+__all__ = ["DualMDTrainer", "split_halves", "ADAPTERS", "EXPORT_DIRS", "HALVES_FILE"]

@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ..defenses.attacker_split import (check_attacker_disjoint, load_attacker_split, make_attacker_split,
-                                       save_attacker_manifest, SEED_OFFSET)
+                                       save_attacker_manifest)
 from ..defenses.proxy_attacker import AttackerState, build_attacker
 from ..errors import ConfigError
 from ..io import atomic_write_bytes, atomic_write_text
 from ..losses.membership import MEMBER, NONMEMBER, OBJECTIVES, loss_map, member_ce, mi_gain
+from . import capabilities
 from .base import Batch, Trainer
 from .registry import TRAINERS
 from .sampling import BatchSchedule
@@ -59,6 +60,8 @@ class MPLoRATrainer(Trainer):
 
     name = "mp_lora"
     form = "mp"
+    supports = capabilities.ALL - {"memorization_filter"}
+    unsupported_reasons = {"memorization_filter": "its loss is the min-max objective"}
 
     # ------------------------------------------------------------------ checks
     def validate_config(self) -> None:
@@ -170,11 +173,11 @@ class MPLoRATrainer(Trainer):
         self.attacker_state = AttackerState(self.attacker, self.attacker_optimizer)
         acc.register_for_checkpointing(self.attacker_state)
         size = int(cfg.mp.attacker_batch_size or cfg.train.batch_size)
-        seed = int(cfg.seed) + SEED_OFFSET
+        seed = int(cfg.seed)
         self.aux_member_schedule = BatchSchedule(len(self.attacker_split.members), size, seed, acc.process_index,
-                                                 acc.num_processes, cfg.data.random_flip)
-        self.aux_nonmember_schedule = BatchSchedule(len(self.attacker_split.nonmembers), size, seed + 1,
-                                                    acc.process_index, acc.num_processes, cfg.data.random_flip)
+                                                 acc.num_processes, cfg.data.random_flip, stream="mp-aux-members")
+        self.aux_nonmember_schedule = BatchSchedule(len(self.attacker_split.nonmembers), size, seed, acc.process_index,
+                                                    acc.num_processes, cfg.data.random_flip, stream="mp-aux-nonmembers")
 
     # ------------------------------------------------------------------ the LoRA step (attacker frozen)
     def attack_term(self, features: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..rng import numpy_rng
+
 
 class BatchSchedule:
+    """Epochs of shuffled rows cut into global batches; `stream` names the random stream (one per schedule)."""
+
     def __init__(self, num_rows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 random_flip: bool = False):
+                 random_flip: bool = False, stream: str = "batches"):
+        self.stream = stream
         self.num_rows = num_rows
         self.batch_size = batch_size
         self.seed = seed
@@ -22,7 +27,7 @@ class BatchSchedule:
 
     def _epoch(self, epoch: int) -> np.ndarray:
         if epoch not in self._epochs:
-            self._epochs = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)}
+            self._epochs = {epoch: numpy_rng(self.seed, self.stream, "order", epoch).permutation(self.num_rows)}
         return self._epochs[epoch]
 
     def global_rows(self, micro_step: int) -> np.ndarray:
@@ -40,7 +45,7 @@ class BatchSchedule:
         """This process's rows and flip flags for `micro_step`."""
         rows = self.global_rows(micro_step)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         if self.random_flip:
-            flips = np.random.default_rng([self.seed, micro_step, 7]).random(self.batch_size * self.world_size) < 0.5
+            flips = numpy_rng(self.seed, self.stream, "flip", micro_step).random(self.batch_size * self.world_size) < 0.5
             flips = flips[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         else:
             flips = np.zeros(len(rows), dtype=bool)
