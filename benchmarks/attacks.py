@@ -9,10 +9,11 @@ before it in the same process (goal >= 0.9: the attack's own arithmetic should b
 
 from __future__ import annotations
 
-import argparse
 import time
 
+import common
 import torch
+from common import sync
 
 from privtune.eval.attacks import ATTACKS, AttackTarget, EncodedSamples
 from privtune.eval.primitives import UNetPredictor
@@ -38,11 +39,6 @@ def tiny_unet(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     return unet.to(device=device, dtype=dtype).eval()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def raw_throughput(unet, samples: EncodedSamples, batch_size: int, n_calls: int, device) -> float:
     """NFE/s of plain batched forwards over the same batches an attack would see."""
@@ -61,19 +57,17 @@ def raw_throughput(unet, samples: EncodedSamples, batch_size: int, n_calls: int,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--n", type=int, default=256, help="samples scored per attack")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--attacks", default=",".join(SETTINGS))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=common.default_device().type)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU default 1)")
+    common.add_threads(ap, None, help="torch intra-op threads (CPU default 1)")
     args = ap.parse_args()
-    if args.threads or args.device == "cpu":
-        torch.set_num_threads(args.threads or 1)
-
     device = torch.device(args.device)
+    common.set_threads(args.threads, device)
     unet = tiny_unet(device, getattr(torch, args.dtype))
     from diffusers import DDPMScheduler
 

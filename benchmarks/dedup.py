@@ -8,12 +8,12 @@ Synthetic corpus: N distinct smooth 64 px images plus 10% re-encoded (JPEG) copi
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import platform
 import time
 
+import common
 import numpy as np
 from PIL import Image
 
@@ -36,7 +36,7 @@ def corpus(n: int, seed: int = 0) -> list[Record]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = common.parser(__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
     args = parser.parse_args()
     configs = {"tiled_l2": DedupSettings(), "tiled_l2+flip": DedupSettings(flip=True),

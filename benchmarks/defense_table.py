@@ -8,10 +8,10 @@ Prints a markdown table.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
-from pathlib import Path
+
+from common import print_markdown_table, print_missing, run_reports, wants_help
 
 UTILITY = (("heldout_denoising_loss", "held-out loss", 4), ("member_denoising_loss", "member loss", 4),
            ("generalization_gap", "gap (held-out − member)", 4), ("prompt_fidelity_top10", "fidelity top-10", 3),
@@ -27,23 +27,15 @@ def mean_std(values: list[float], digits: int) -> str:
 
 
 def main(argv: list[str]) -> int:
-    runs: dict[str, list[dict]] = {}
-    missing = []
-    for arg in argv:
-        name, _, paths = arg.partition("=")
-        for path in paths.split(","):
-            report = Path(path) / "report.json"
-            if not report.is_file():
-                missing.append(path)
-                continue
-            runs.setdefault(name, []).append(json.loads(report.read_text()) | {"_path": path})
+    if wants_help(argv, __doc__):
+        return 0
+    runs, missing = run_reports(argv)
     attacks = sorted({a for reports in runs.values() for r in reports for a in r["attacks"]})
     extraction = any(r.get("extraction") for reports in runs.values() for r in reports)
     cols = ["method", "seeds", "best-attack AUC (mean ± std)", "per seed: best attack, AUC [95% CI]",
             *[f"{a} AUC" for a in attacks], *[label for _, label, _ in UTILITY],
             *(["extracted members (duplicated of those), per seed", "captions flagged"] if extraction else [])]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
+    rows = []
     for name, reports in runs.items():
         best = [r["summary"]["best_attack"] for r in reports]
         per_seed = "; ".join(f"s{r['config']['seed']}: {b['name']} {b['auc']['value']:.3f} "
@@ -56,9 +48,9 @@ def main(argv: list[str]) -> int:
             row += ["; ".join(f"{e['n_extracted']} ({e['extracted_duplicated']} of {len(e['duplicated_members'])}) of {e['n_captions']}"
                               if e else "n/a" for e in ex),
                     "; ".join(str(e["n_flagged"]) if e else "n/a" for e in ex)]
-        print("| " + " | ".join(row) + " |")
-    if missing:
-        print(f"\nnot finished (no report.json): {', '.join(missing)}")
+        rows.append(row)
+    print_markdown_table(cols, rows)
+    print_missing(missing)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Variants run side by side in one process, on the same embedded UNet, LoRA shape (the recipes' defaults:
 rank 16, `full` targets), cached latents and batch size; interleaved timed windows as in
-`train_step.py` (the paired per-window ratio is the one the goals are judged on):
+`train_step.py` (`common.measure`; the paired per-window ratio is the one the goals are judged on):
 
   lora            `Trainer.optimizer_step`: mean loss, backward, global clipping, AdamW
   dp_hooks        DP-SGD step, K = 1: Opacus GradSampleModule hooks (per-layer closed-form per-sample
@@ -19,35 +19,13 @@ Goals (issue 5): dp / lora <= 1.3 in time and in peak memory.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import tempfile
 from pathlib import Path
 
+import common
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import TrainerStep, measure, print_table, ratios, reset_accelerate  # noqa: E402
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
-
-
-def build(recipe: str, run_dir: Path, base: str, batch_size: int, extra=()):
-    """A trainer of `recipe` taken through every stage `Trainer.run` does before its loop."""
-    from privtune.config import load_config
-    from privtune.trainers import get_trainer
-
-    reset_accelerate()
-    cfg = load_config(recipe, [f"output_dir={run_dir}", f"model.base={base}", f"train.batch_size={batch_size}",
-                               "train.validation_every=0", "train.checkpoint_every=0", "tracking=none", *extra])
-    trainer = get_trainer(cfg.trainer)(cfg)
-    for stage in ("validate_config", "setup_accelerator", "check_run_dir", "setup_data", "setup_model",
-                  "setup_optimizer", "prepare"):
-        getattr(trainer, stage)()
-    return trainer
+from common import TrainerStep, build_trainer, measure, print_table, ratios
 
 
 class DPStep:
@@ -64,32 +42,30 @@ class DPStep:
 
 
 def dp_trainer(run_dir: Path, base: str, batch_size: int, k: int, grad_sample: str, extra=()):
-    return build("dpsgd", run_dir, base, batch_size, [*extra, 
+    return build_trainer("dpsgd", run_dir, base, batch_size, [*extra,
         "dp.target_epsilon=null", "dp.noise_multiplier=1.0", "dp.noise_seed=0", "dp.poisson=false",
         f"dp.noise_multiplicity={k}", f"dp.grad_sample={grad_sample}", "train.max_steps=100000"])
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per timed window")
     parser.add_argument("--repeats", type=int, default=9, help="timed windows per variant (interleaved)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--multiplicity", type=int, default=8, help="K of the dp_hooks_k variant (0 = skip it)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--base", default="embedded")
+    common.add_threads(parser, 2)
+    common.add_base(parser)
     parser.add_argument("--targets", default="full", help="LoRA targets preset of every variant: full | attn")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    from privtune.models.loading import resolve_base
-
-    path = resolve_base(args.base)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = common.default_device()
+    common.set_threads(args.threads, device)
+    path = common.base_path(args.base)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         targets = [f"lora.targets={args.targets}"]
-        lora = build("lora", tmp / "lora", path, args.batch_size, targets)
+        lora = build_trainer("lora", tmp / "lora", path, args.batch_size, targets)
         variants = {
             "lora": TrainerStep(lora),
             "dp_hooks": DPStep(dp_trainer(tmp / "hooks", path, args.batch_size, 1, "hooks", targets)),
@@ -100,7 +76,7 @@ def main(argv=None) -> int:
                 dp_trainer(tmp / "k", path, args.batch_size, args.multiplicity, "hooks", targets))
         results = measure(variants, args.steps, args.repeats, args.warmup, device)
 
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    where = common.device_name(device)
     n_lora = sum(p.numel() for p in lora.trainable)
     print(f"device: {where}; torch {torch.__version__}; threads {torch.get_num_threads()}; model {path}")
     print(f"batch {args.batch_size}, LoRA rank {lora.cfg.lora.rank} ({lora.cfg.lora.targets}, {n_lora} params), "

@@ -3,15 +3,16 @@ calibration half) with its CI, TPR@1%FPR, and the card's best attack, from finis
 
     python benchmarks/release_table.py LoRA=/work/evidence/lora-s0 DualMD=/work/evidence/dualmd-s0
 
-Arguments are NAME=RUN_DIR. Prints a markdown table (one row per attack entry) and one line per run
-with its best attack, the number the privacy card reports.
+Arguments are NAME=RUN_DIR[,RUN_DIR...]; unfinished runs (no report.json) are listed at the end. Prints a
+markdown table (one row per attack entry) and one line per run with its best attack, the number the privacy
+card reports.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
+
+from common import print_markdown_table, print_missing, run_reports, wants_help
 
 
 def fmt_ci(metric: dict) -> str:
@@ -20,25 +21,25 @@ def fmt_ci(metric: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if wants_help(argv, __doc__):
+        return 0
+    runs, missing = run_reports(argv)
     rows, best = [], []
-    for arg in argv:
-        name, _, path = arg.partition("=")
-        report = json.loads((Path(path) / "report.json").read_text())
-        for entry, a in report["attacks"].items():
-            spec = (a.get("metrics_spec") or a["metrics"])["auc"]["value"]
-            inverted = (a.get("orientation") or {}).get("inverted", False)
-            rows.append([name, entry, a.get("release", "-"), f"{spec:.3f}", fmt_ci(a["metrics"]["auc"]),
-                         "yes" if inverted else "no", fmt_ci(a["metrics"]["tpr@1%fpr"])])
-        b = report["summary"]["best_attack"]
-        best.append(f"- {name}: best attack **{b['name']}** AUC {fmt_ci(b['auc'])}, TPR@1%FPR {fmt_ci(b['tpr@1%fpr'])}"
-                    + (f"; privacy {report['privacy'].get('epsilon'):.3f}-DP" if report.get("privacy") else ""))
+    for name, reports in runs.items():
+        for report in reports:
+            for entry, a in report["attacks"].items():
+                spec = (a.get("metrics_spec") or a["metrics"])["auc"]["value"]
+                inverted = (a.get("orientation") or {}).get("inverted", False)
+                rows.append([name, entry, a.get("release", "-"), f"{spec:.3f}", fmt_ci(a["metrics"]["auc"]),
+                             "yes" if inverted else "no", fmt_ci(a["metrics"]["tpr@1%fpr"])])
+            b = report["summary"]["best_attack"]
+            best.append(f"- {name}: best attack **{b['name']}** AUC {fmt_ci(b['auc'])}, TPR@1%FPR {fmt_ci(b['tpr@1%fpr'])}"
+                        + (f"; privacy {report['privacy'].get('epsilon'):.3f}-DP" if report.get("privacy") else ""))
     cols = ["run", "attack entry", "release", "spec-direction AUC", "oriented AUC [95% CI]", "inverted", "TPR@1%FPR [95% CI]"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_markdown_table(cols, rows)
     print()
     print("\n".join(best))
+    print_missing(missing)
     return 0
 
 

@@ -12,34 +12,21 @@ after a warm-up; each variant's time per step is the median of its windows. Rati
 printed as the ratio of medians, as the median of per-round ratios (the windows of one round run back
 to back and share the machine's load, so on a shared machine this is the robust one; the goals are
 judged on it) and as the ratio of median CPU times. Goals: trainer / bare <= 1.05, trainer_cache / bare < 1.
+Peak memory is measured as `common.PeakMemory` describes.
 
     python benchmarks/train_step.py --steps 2 --repeats 15 --batch-size 16 --threads 2
-
-Peak memory: on CUDA, `torch.cuda.max_memory_allocated` over the window minus the allocation at its
-start. On CPU, the kernel's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs
-after `malloc_trim` returns freed heap pages) minus the RSS at the window's start: every byte torch,
-the allocator and Python touch counts, nothing is sampled, and nothing slows the step down.
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import json
-import os
-import re
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import TrainerStep, measure, print_table, ratios
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -49,96 +36,13 @@ SD15_UNET = dict(
 )
 
 
-# ---------------------------------------------------------------------- memory
-class PeakMemory:
-    """Peak memory of a window above its starting level, in MiB (see the module docstring)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cpu_hwm = device.type == "cpu" and self._clear_refs()
-        self.method = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                       else "VmHWM-reset RSS high-water" if self.cpu_hwm else "unavailable")
-
-    @staticmethod
-    def _status(field: str) -> int:
-        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-        return int(match.group(1)) * 1024 if match else -1
-
-    @staticmethod
-    def _clear_refs() -> bool:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            return False
-        return PeakMemory._status("VmHWM") > 0
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        elif self.cpu_hwm:
-            try:
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-            except OSError:
-                pass
-            self._clear_refs()
-            self.base = self._status("VmRSS")
-
-    def stop(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
-        if self.cpu_hwm:
-            return (self._status("VmHWM") - self.base) / 2**20
-        return float("nan")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------------- the three steps
-def reset_accelerate() -> None:
-    """Accelerate's state is process-global; each trainer gets a fresh one, like a fresh process."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def build_trainer(run_dir: Path, base: str, batch_size: int, cache: bool, extra=()):
-    """A LoRA trainer taken through every stage `Trainer.run` does before its loop (no run files)."""
-    from privtune.config import load_config
-    from privtune.trainers import get_trainer
-
-    reset_accelerate()
-    cfg = load_config("lora", [
-        f"output_dir={run_dir}", f"model.base={base}", f"train.batch_size={batch_size}",
-        f"train.cache_latents={str(cache).lower()}", "train.validation_every=0", "train.checkpoint_every=0",
-        "tracking=none", *extra,
-    ])
-    trainer = get_trainer("lora")(cfg)
-    for stage in ("validate_config", "setup_accelerator", "check_run_dir", "setup_data", "setup_model",
-                  "setup_optimizer", "prepare"):
-        getattr(trainer, stage)()
+    """A LoRA trainer ready for its loop (`common.build_trainer`), with or without the latent cache."""
+    trainer = common.build_trainer("lora", run_dir, base, batch_size,
+                                   [f"train.cache_latents={str(cache).lower()}", *extra])
     assert (trainer.cache is not None) == cache, "train.cache_latents did not take effect"
     return trainer
-
-
-class TrainerStep:
-    """Calls the trainer's own `optimizer_step`, counting micro-steps as `Trainer.train` does."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.micro_step = 0
-
-    def __call__(self) -> float:
-        logs = self.trainer.optimizer_step(self.micro_step)
-        self.micro_step += self.trainer.cfg.train.gradient_accumulation_steps
-        return logs["loss"]
 
 
 class BareStep:
@@ -256,7 +160,7 @@ def sd15_variants(run_dir: Path, base: str, batch_size: int, device: torch.devic
     comps.unet = fresh_unet().requires_grad_(False)
     trainer.trainable = add_lora(comps.unet, trainer.lora_config)
     comps.unet.train()
-    reset_accelerate()
+    common.reset_accelerate()
     trainer.setup_accelerator()
     trainer.setup_optimizer()
     trainer.prepare()
@@ -269,77 +173,25 @@ def sd15_variants(run_dir: Path, base: str, batch_size: int, device: torch.devic
     return {"trainer_cache": TrainerStep(trainer), "bare": bare}
 
 
-# ---------------------------------------------------------------------- measurement
-def measure(variants: dict, steps: int, repeats: int, warmup: int, device: torch.device) -> dict:
-    """Interleaved windows; per variant the median and spread of seconds per step and the max peak memory."""
-    names = list(variants)
-    mem = PeakMemory(device)
-    for name in names:
-        for _ in range(warmup):
-            variants[name]()
-    sync(device)
-    times = {n: [] for n in names}
-    cpu = {n: [] for n in names}
-    peaks = {n: [] for n in names}
-    losses = {n: float("nan") for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            mem.start()
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for _ in range(steps):
-                losses[name] = variants[name]()
-            sync(device)
-            times[name].append((time.perf_counter() - start) / steps)
-            cpu[name].append((time.process_time() - cpu_start) / steps)
-            peaks[name].append(mem.stop())
-    return {
-        n: {"s_per_step": statistics.median(times[n]), "min": min(times[n]), "max": max(times[n]),
-            "windows": times[n], "cpu_s_per_step": statistics.median(cpu[n]),
-            "peak_mib": max(peaks[n]), "last_loss": losses[n]}
-        for n in names
-    } | {"_memory_method": mem.method}
-
-
-def ratios(results: dict, name: str, ref: str = "bare") -> dict:
-    """name / ref three ways: of the medians, the median of per-window ratios (windows of one round run
-    back to back, so they share the machine's load at that moment), and of the CPU times."""
-    a, b = results[name], results[ref]
-    return {"median": a["s_per_step"] / b["s_per_step"],
-            "paired": statistics.median(x / y for x, y in zip(a["windows"], b["windows"])),
-            "cpu": a["cpu_s_per_step"] / b["cpu_s_per_step"]}
-
-
 def print_ratio(label: str, r: dict, goal: str, met: bool) -> None:
     print(f"{label} = {r['median']:.3f} of medians, {r['paired']:.3f} paired per window, {r['cpu']:.3f} in CPU time"
           f"  (goal {goal}: {'met' if met else 'MISSED'} on the paired ratio)")
 
 
-def print_table(title: str, results: dict, batch_size: int) -> None:
-    print(f"\n{title}")
-    print(f"{'variant':<15}{'ms/step':>10}{'min':>9}{'max':>9}{'img/s':>9}{'cpu ms':>9}{'peak MiB':>10}{'loss':>9}")
-    for name, r in results.items():
-        if name.startswith("_"):
-            continue
-        print(f"{name:<15}{r['s_per_step'] * 1e3:>10.1f}{r['min'] * 1e3:>9.1f}{r['max'] * 1e3:>9.1f}"
-              f"{batch_size / r['s_per_step']:>9.1f}{r['cpu_s_per_step'] * 1e3:>9.1f}{r['peak_mib']:>10.1f}{r['last_loss']:>9.4f}")
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per timed window")
     parser.add_argument("--repeats", type=int, default=15, help="timed windows per variant (interleaved)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--base", default="embedded", help="diffusers model folder (default: the embedded tiny SD)")
+    common.add_threads(parser, 2)
+    common.add_base(parser)
     parser.add_argument("--sd15-shapes", action="store_true", help="CUDA only: also compare on an SD v1.5-shaped UNet")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    from privtune.models.loading import resolve_base
-
-    path = resolve_base(args.base)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = common.default_device()
+    common.set_threads(args.threads, device)
+    path = common.base_path(args.base)
     with tempfile.TemporaryDirectory() as tmp:
         plain = build_trainer(Path(tmp) / "plain", path, args.batch_size, False)
         cached = build_trainer(Path(tmp) / "cached", path, args.batch_size, True)
@@ -349,7 +201,7 @@ def main(argv=None) -> int:
         variants = {"trainer": TrainerStep(plain), "trainer_cache": TrainerStep(cached), "bare": bare}
         results = measure(variants, args.steps, args.repeats, args.warmup, device)
 
-        cpu = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+        cpu = common.device_name(device)
         print(f"device: {cpu}; torch {torch.__version__}; threads {torch.get_num_threads()}; model {path}")
         print(f"batch {args.batch_size} at {plain.cfg.data.resolution}px, LoRA rank {plain.cfg.lora.rank} "
               f"({plain.cfg.lora.targets}, {n_lora} params), {args.repeats} interleaved windows x {args.steps} steps "

@@ -3,19 +3,21 @@
 A recipe is `privtune/recipes/<name>.yaml` (shipped inside the package) or a path to the user's own YAML. A recipe may name a parent with
 `inherits: <recipe>`; its keys are merged over the parent's. The merged config is struct-locked:
 a recipe or override key the parent chain does not define is an error that lists the valid keys,
-so a typo never silently trains with a default.
+so a typo never silently trains with a default. Recipes hold values; what each key is (its type, help and
+allowed range) is `privtune.schema`, which every resolved config is parsed against.
 """
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from . import schema
 from .errors import ConfigError
+from .schema.base import show
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 _META_KEYS = ("inherits",)
@@ -64,59 +66,72 @@ def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return merge_strict(base, node, source=str(path), allow_new_sections=True)
 
 
-def _valid_keys(node: DictConfig, prefix: str) -> str:
-    return ", ".join(f"{prefix}{k}" for k in node.keys())
-
-
 def _check_keys(base: Any, update: Any, prefix: str, source: str, allow_new_sections: bool = False) -> None:
+    """Refuse keys of `update` that `base` lacks and values of the wrong type; converts values to their key's type.
+
+    A key the schema knows takes the schema's type; a key of a user's own section takes its parent value's type."""
     if not isinstance(update, DictConfig) or not isinstance(base, DictConfig) or len(base) == 0:
-        return  # an empty mapping in the parent is a free-form section (e.g. eval.attack_params)
+        return  # an empty mapping in the parent is a free-form section
+    raw = OmegaConf.to_container(base, resolve=False)  # the parent's values as written: an interpolation stays ${...}
     for key in update.keys():
-        if allow_new_sections and key not in base and isinstance(update[key], DictConfig):
-            continue  # a defense recipe adds its own section (e.g. dp:); its keys become the strict schema
+        path = f"{prefix}{key}"
         if key not in base:
-            close = difflib.get_close_matches(str(key), [str(k) for k in base.keys()], n=1)
-            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
-            raise ConfigError(
-                f"unknown key '{prefix}{key}' in {source}; {hint}valid keys here: {_valid_keys(base, prefix)}"
-            )
-        if isinstance(base[key], DictConfig) and update[key] is not None:
+            if allow_new_sections and not OmegaConf.is_interpolation(update, key) and isinstance(update[key], DictConfig):
+                _check_new_section(path, update[key], source)
+                continue
+            raise _unknown_key(path, base, prefix, source)
+        if OmegaConf.is_interpolation(update, key) or OmegaConf.is_missing(base, key):
+            continue
+        spec = schema.lookup(path)
+        if spec is not None and spec.section is None:
+            update[key] = spec.parse(update[key], source, raw[key])
+        elif isinstance(raw[key], dict) and update[key] is not None:
             if not isinstance(update[key], DictConfig):
-                raise ConfigError(f"{prefix}{key} is a section ({_valid_keys(base[key], prefix + key + '.')}); set its keys, not the section")
-            _check_keys(base[key], update[key], f"{prefix}{key}.", source)
-        elif not OmegaConf.is_missing(base, key) and not OmegaConf.is_interpolation(update, key):
-            _check_type(f"{prefix}{key}", base[key], update[key], source)
-            if isinstance(base[key], float) and isinstance(update[key], int) and not isinstance(update[key], bool):
-                update[key] = float(update[key])  # a float key stays a float down the recipe chain (0 -> 0.0)
+                keys = ", ".join(f"{path}.{k}" for k in raw[key])
+                raise ConfigError(f"{path} is a section ({keys}); set its keys, not the section")
+            _check_keys(base[key], update[key], f"{path}.", source)
+        else:
+            update[key] = _check_type(path, raw[key], update[key], source)
 
 
-def _check_type(key: str, default: Any, value: Any, source: str) -> None:
-    """A value must have its default's type: booleans are strict, numbers are numbers, lists are lists.
+def _check_new_section(path: str, node: DictConfig, source: str) -> None:
+    """A section a child recipe adds: a defense section of the schema is checked against it; any other section is the
+    recipe's own, and its keys become the strict schema of the recipes and overrides below it."""
+    spec = schema.lookup(path)
+    if spec is not None and spec.section is not None:
+        _check_keys(OmegaConf.create(schema.defaults(spec.section)), node, f"{path}.", source)
 
-    null is accepted anywhere (several keys use it to mean off / automatic); a str or null default is free-form
-    (e.g. lora.targets takes a preset name or a list)."""
+
+def _unknown_key(path: str, base: DictConfig, prefix: str, source: str) -> ConfigError:
+    spec = schema.lookup(path)
+    if spec is not None and "recipe" in spec.field.metadata:
+        recipe, trainers = spec.field.metadata["recipe"], ", ".join(spec.field.metadata["trainers"])
+        return ConfigError(f"unknown key '{path}' in {source}: this recipe has no {path}: section (it comes with "
+                           f"recipe={recipe} and the recipes that inherit from it, for trainer {trainers}); pass "
+                           f"recipe={recipe} to set {path}.* keys")
+    return schema.unknown_key(path, [str(k) for k in base.keys()], prefix, f" in {source}")
+
+
+def _check_type(key: str, default: Any, value: Any, source: str) -> Any:
+    """A key of a user's own section must keep its parent value's type: booleans are strict, numbers are numbers,
+    lists are lists (an integer becomes a float where the parent's value is a float).
+
+    null is accepted anywhere; a str or null parent value is free-form."""
     if value is None or default is None or isinstance(default, str):
-        return
+        return value
     if isinstance(default, bool):
         ok, want = isinstance(value, bool), "true or false"
     elif isinstance(default, int):
         ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
     elif isinstance(default, float):
         ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-    elif isinstance(default, ListConfig):
+    elif isinstance(default, list):
         ok, want = isinstance(value, ListConfig), "a list, e.g. [a, b]"
     else:
-        return
+        return value
     if not ok:
-        raise ConfigError(f"{key}={_show(value)} in {source}: expected {want} (the default is {_show(default)})")
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (ListConfig, DictConfig)):
-        return str(OmegaConf.to_container(value))
-    return str(value)
+        raise ConfigError(f"{key}={show(value)} in {source}: expected {want} (the default is {show(default)})")
+    return float(value) if isinstance(default, float) else value
 
 
 def merge_strict(base: DictConfig, update: DictConfig, source: str, allow_new_sections: bool = False) -> DictConfig:
@@ -141,7 +156,7 @@ def parse_overrides(args: Sequence[str]) -> tuple[str | None, list[str]]:
 
 
 def load_config(recipe: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """Resolve a recipe and its overrides into one read-only config."""
+    """Resolve a recipe and its overrides into one read-only config, parsed and checked against privtune.schema."""
     cfg = _load_chain(recipe_path(recipe))
     try:
         update = OmegaConf.from_dotlist(list(overrides))
@@ -149,12 +164,14 @@ def load_config(recipe: str, overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from exc
     cfg = merge_strict(cfg, update, source="the command line")
     cfg.recipe = Path(recipe).stem if recipe_path(recipe).parent != RECIPES_DIR else recipe
+    schema.fill_defaults(cfg)
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / cfg.recipe)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot resolve the config: {exc}") from exc
+    cfg = OmegaConf.create(schema.validate(OmegaConf.to_container(cfg)))
     OmegaConf.set_struct(cfg, True)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -166,6 +183,31 @@ def to_container(cfg: DictConfig | ListConfig) -> Any:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_annotated_yaml(cfg: DictConfig) -> str:
+    """The config as YAML with each key's schema help as a trailing comment (`key: value  # help`).
+
+    Sections are blocks; every other value (lists, free-form mappings such as eval.attack_params) is written in
+    flow style on its key's line, so each key has exactly one line for its comment."""
+    import yaml
+
+    lines = [f"# resolved config of recipe={cfg.get('recipe')}; after each key, its help (privtune.schema)"]
+
+    def walk(node: dict, prefix: str, indent: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            spec = schema.lookup(path)
+            comment = f"  # {spec.help}" if spec is not None else ""
+            if isinstance(value, dict) and value and (spec is None or spec.section is not None):
+                lines.append(f"{indent}{key}:{comment}")
+                walk(value, f"{path}.", indent + "  ")
+            else:
+                flow = yaml.safe_dump([value], default_flow_style=True, width=10 ** 9).strip()[1:-1]
+                lines.append(f"{indent}{key}: {flow}{comment}")
+
+    walk(to_container(cfg), "", "")
+    return "\n".join(lines) + "\n"
 
 
 def flat(cfg: DictConfig) -> dict[str, Any]:
@@ -188,4 +230,5 @@ def flatten(container: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ConfigError", "ConfigKeyError", "available_recipes", "load_config", "parse_overrides", "to_yaml", "flat"]
+__all__ = ["ConfigError", "ConfigKeyError", "available_recipes", "load_config", "parse_overrides", "to_yaml",
+           "to_annotated_yaml", "flat"]

@@ -29,10 +29,14 @@ def _install(tmp_dir: Path, final_dir: Path) -> None:
         os.replace(f, final_dir / f.name)
 
 
+ADAPTER_METADATA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "init_lora_weights", "peft_type", "bias",
+                         "use_rslora")
+
+
 def adapter_metadata(config) -> dict:
     meta = config.to_dict()
     meta["target_modules"] = sorted(meta.get("target_modules") or [])
-    return {k: v for k, v in meta.items() if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "init_lora_weights", "peft_type", "bias", "use_rslora")}
+    return {k: v for k, v in meta.items() if k in ADAPTER_METADATA_KEYS}
 
 
 def save_lora_folder(folder: Path, unet_state: dict, unet_config, text_state: dict | None = None,

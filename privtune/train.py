@@ -6,17 +6,19 @@ import shlex
 import signal
 import sys
 
-from .config import available_recipes, load_config, parse_overrides
+from .config import available_recipes, load_config, parse_overrides, to_annotated_yaml
 from .errors import PrivtuneError
 
 HELP = """usage: python -m privtune.train recipe=<name|path.yaml> [key=value ...]
        accelerate launch [--num_processes N] -m privtune.train recipe=<name> [key=value ...]
+       python -m privtune.train --print-config recipe=<name> [key=value ...]
 
 Fine-tune a Stable Diffusion LoRA with a privacy defense, export it, and attack it.
+--print-config prints the resolved config, every key with its value and help, and exits (nothing is written).
 
 recipes: {recipes}
 
-main keys (see privtune/recipes/lora.yaml for every key and its default):
+main keys (--print-config lists every key; privtune/schema/ defines them):
   trainer=lora                 which trainer (defense) runs
   output_dir=runs/<recipe>     the run folder; resume=latest continues it
   model.base=embedded          embedded tiny SD | local diffusers folder | hub id (e.g. runwayml/stable-diffusion-v1-5)
@@ -35,9 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or any(a in ("-h", "--help", "help") for a in argv):
         print(HELP.format(recipes=", ".join(available_recipes())))
         return 0
+    print_config = "--print-config" in argv
+    argv = [a for a in argv if a != "--print-config"]
     try:
         recipe, overrides = parse_overrides(argv)
         cfg = load_config(recipe or "lora", overrides)
+        if print_config:
+            print(to_annotated_yaml(cfg), end="")
+            return 0
         from .logging_utils import quiet_libraries
         from .trainers import get_trainer
 

@@ -57,7 +57,8 @@ RECORDED = ("pillow", "pyarrow", "datasets", "numpy")  # also shape the bytes; r
 # ---- caption slots -------------------------------------------------------------------------------
 # Column name per slot, in caption order; the caption template uses exactly these, in this order.
 SLOTS = ("style", "hair_color", "hair_length", "skin_tone", "eyewear", "shirt_color", "background_color")
-TEMPLATE = "{style} portrait, {hair_color} {hair_length} hair, {skin_tone} skin, {eyewear}, {shirt_color} shirt, {background_color} background"
+TEMPLATE = ("{style} portrait, {hair_color} {hair_length} hair, {skin_tone} skin, {eyewear}, {shirt_color} shirt, "
+            "{background_color} background")
 
 HAIR = {"black": "#2a2220", "brown": "#7a4a26", "blond": "#f0c23c", "red": "#c8361c", "white": "#eeeeea", "blue": "#3d63dd"}
 HAIR_LENGTH = ("short", "long")
@@ -497,7 +498,7 @@ def write_readme(path: Path, summary: dict, licenses: dict, probe: dict) -> None
         "Built by `scripts/build_portraits_dataset.py` (see its docstring); nothing here is downloaded at",
         "run time, and the build dependencies (`pip install '.[build-data]'`) are never imported by privtune.",
         "",
-        f"![contact sheet](contact_sheet.png) (`contact_sheet.png`: ten rows of each subset, shown 2x)",
+        "![contact sheet](contact_sheet.png) (`contact_sheet.png`: ten rows of each subset, shown 2x)",
         "",
         "## Provenance and licences",
         "",

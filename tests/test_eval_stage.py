@@ -86,7 +86,8 @@ def test_lora_that_does_not_fit_is_a_clear_error(evaluated_run, tmp_path, base_m
     reshaped.mkdir()
     save_file({k: (v[:, :-1].contiguous() if v.ndim >= 2 and "lora_A" in k else v) for k, v in weights.items()}, str(reshaped / LORA_FILE))
     for bad in (renamed, reshaped):
-        args = [f"model={base_model}", f"lora={bad}", f"members={evaluated_run / 'split.json'}", f"out={tmp_path / 'o'}", "eval.attacks=[pia]"]
+        args = [f"model={base_model}", f"lora={bad}", f"members={evaluated_run / 'split.json'}", f"out={tmp_path / 'o'}",
+                "eval.attacks=[pia]"]
         assert evaluate_main(args) == 2
         assert "does not fit the base model" in capsys.readouterr().err
 

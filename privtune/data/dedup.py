@@ -99,7 +99,8 @@ def find_edges(images: list[Image.Image], s: DedupSettings) -> list[tuple[int, i
         mean = e.mean(axis=0, keepdims=True)  # centred: a shared background must not make everything similar
         edges += [(i, j, c, s.embedding) for i, j, c in cosine_pairs(e - mean, float(s.cosine))]
         if s.flip:
-            edges += [(i, j, c, f"{s.embedding}+flip") for i, j, c in cosine_pairs(e - mean, float(s.cosine), queries=embed(mirrored) - mean) if i != j]
+            flipped = cosine_pairs(e - mean, float(s.cosine), queries=embed(mirrored) - mean)
+            edges += [(i, j, c, f"{s.embedding}+flip") for i, j, c in flipped if i != j]
     return edges
 
 
@@ -165,7 +166,8 @@ def report(records: list[Record], result: DedupResult, s: DedupSettings) -> dict
     }
 
 
-def contact_sheet(records: list[Record], result: DedupResult, path: Path, n_groups: int = 8, per_row: int = 8, cell: int = 64) -> Path | None:
+def contact_sheet(records: list[Record], result: DedupResult, path: Path, n_groups: int = 8, per_row: int = 8,
+                  cell: int = 64) -> Path | None:
     """PNG: one row per largest group (kept image first, outlined green), up to `per_row` images each."""
     shown = result.groups[:n_groups]
     if not shown:

@@ -97,10 +97,12 @@ def _open_dataset(data_cfg):
         try:
             ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
         except Exception as exc:
-            raise DataError(f"cannot read the image folder {path}: {exc}. It needs images and a metadata.jsonl with file_name and caption columns") from exc
+            raise DataError(f"cannot read the image folder {path}: {exc}. It needs images and a metadata.jsonl with file_name "
+                            "and caption columns") from exc
         return ds, f"imagefolder {path}"
     if looks_local:
-        raise DataError(f"data path {source!r} does not exist; set data.source to an image folder with a metadata.jsonl, a hub data set name, or 'embedded' (embedded:emoji, embedded:portraits)")
+        raise DataError(f"data path {source!r} does not exist; set data.source to an image folder with a metadata.jsonl, "
+                        "a hub data set name, or 'embedded' (embedded:emoji, embedded:portraits)")
     try:
         ds = datasets.load_dataset(source, split=data_cfg.hub_split)
     except Exception as exc:
@@ -154,7 +156,8 @@ def load_source(data_cfg) -> LoadedSource:
               f"(smallest {worst.image.size[0]}x{worst.image.size[1]}, {worst.id}); they are upscaled, which blurs them",
               file=sys.stderr)
     if not records:
-        raise DataError(f"{description} holds no usable samples ({len(skipped)} skipped); point data.source at a folder with images and captions")
+        raise DataError(f"{description} holds no usable samples ({len(skipped)} skipped); point data.source at a folder "
+                        "with images and captions")
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
         raise DataError(f"{description} has duplicate ids; give every row a unique id or file name")

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-
 from ..errors import ConfigError
 from ..io import atomic_write_json
 from . import dedup

@@ -152,10 +152,13 @@ def _defense_rows(report: Mapping[str, Any], base_model: str) -> list[list[str]]
     lora = cfg.get("lora") or {}
     data = cfg.get("data") or {}
     targets = lora.get("targets")
-    sections = {k: v for k, v in (d.get("settings") or {}).items() if k not in GENERIC_SECTIONS}
-    for name, section in cfg.items():
-        if isinstance(section, Mapping) and name not in GENERIC_SECTIONS:
-            sections.setdefault(name, section)
+    settings = d.get("settings") or {}
+    sections = {k: v for k, v in settings.items() if k not in GENERIC_SECTIONS}
+    if not any(isinstance(v, Mapping) for v in settings.values()):  # a flat settings dict: every defense section of the config
+        for name, section in cfg.items():
+            if isinstance(section, Mapping) and name not in GENERIC_SECTIONS:
+                sections.setdefault(name, section)
+    changed = {k: v for k, v in settings.items() if k in GENERIC_SECTIONS and isinstance(v, Mapping)}
     scalars = {k: v for k, v in sections.items() if not isinstance(v, Mapping)}
     rows = [
         ["Defense", "none (plain LoRA)" if str(d.get("name", "none")).lower() in UNDEFENDED else d.get("name")],
@@ -169,6 +172,8 @@ def _defense_rows(report: Mapping[str, Any], base_model: str) -> list[list[str]]
     for name, section in sections.items():
         if isinstance(section, Mapping):
             rows.append([f"`{name}` settings", fmt_settings(_strip_paths(section))])
+    if changed:
+        rows.append(["Changed from plain LoRA", fmt_settings(_strip_paths(changed))])
     train = [f"{keys[-1]}={fmt_num(v)}" for keys in TRAIN_KEYS if (v := _get(cfg, keys)) is not None]
     if train:
         rows.append(["Training", ", ".join(train)])

@@ -101,6 +101,44 @@ def md_table(columns: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+ROOT_RECIPE = "lora"
+NOT_DEFENSE_KEYS = ("recipe", "inherits", "trainer", "seed", "output_dir", "resume", "overwrite", "tracking", "tracker_project",
+                    "tracking_log_captions", "model", "eval", "export", "train.log_every", "train.checkpoint_every",
+                    "train.checkpoints_total_limit", "train.validation_every", "train.validation_prompts",
+                    "train.validation_inference_steps", "train.validation_guidance_scale", "train.num_workers",
+                    "train.cache_latents", "train.gradient_checkpointing")
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> leaf (lists kept whole) of a nested dict."""
+    if not isinstance(node, Mapping):
+        return {prefix[:-1]: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_leaves(v, f"{prefix}{k}."))
+    return out
+
+
+def defense_settings(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """What defines a run's defense, by section: the defense's own sections (those the root `lora` recipe's
+    `defaults` lack, e.g. `dp` or `mp`) whole, and every other training key whose value differs from `defaults`
+    (what the recipe chain and the command line changed); run bookkeeping, model, eval and export keys never."""
+    out: dict[str, Any] = {"trainer": config.get("trainer")}
+    for name, section in config.items():
+        if name not in defaults and name not in NOT_DEFENSE_KEYS:
+            out[name] = section
+    base = _leaves(defaults)
+    for key, value in _leaves({k: v for k, v in config.items() if k in defaults}).items():
+        if key.split(".")[0] in NOT_DEFENSE_KEYS or key in NOT_DEFENSE_KEYS or (key in base and base[key] == value):
+            continue
+        section, _, rest = key.partition(".")
+        if rest:
+            out.setdefault(section, {})[rest] = value
+        else:
+            out[section] = value
+    return out
+
+
 def _defense(defense: Mapping[str, Any] | None, config: Mapping[str, Any]) -> dict[str, Any]:
     """`{"name", "settings"}` from `{"name", "settings"}` or a flat settings dict; the name
     defaults to the settings' or the config's trainer."""
@@ -307,13 +345,17 @@ def privacy_lines(privacy: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def _defense_line(settings: Mapping[str, Any] | None) -> str:
+    return fmt_settings(settings) if settings else f"every setting at the {ROOT_RECIPE} recipe's defaults"
+
+
 def _header_lines(report: Mapping[str, Any]) -> list[str]:
     cfg = report.get("config") or {}
     lora = cfg.get("lora") or {}
     d = report.get("defense") or {}
     protocol = report.get("protocol") or {}
     lines = [
-        f"- **Defense:** {d.get('name')} ({fmt_settings(d.get('settings'))})",
+        f"- **Defense:** {d.get('name')} ({_defense_line(d.get('settings'))})",
         f"- **Trainer:** {cfg.get('trainer', 'n/a')}; LoRA rank {lora.get('rank', 'n/a')}, alpha {lora.get('alpha', 'n/a')}, "
         f"targets {lora.get('targets', 'n/a')}",
         f"- **Split sizes:** {fmt_settings(report.get('split_sizes'))}",
@@ -375,6 +417,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _exposure(level: Mapping[str, Any]) -> str:
+    """A canary level's mean exposure with its 95% CI when there is one."""
+    ci = level["ci95"]
+    return f"{level['mean_exposure']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
 def memorization_lines(report: Mapping[str, Any]) -> list[str]:
     """The extraction and canary-audit sections of report.md, when those evaluations ran."""
     out: list[str] = []
@@ -396,8 +444,7 @@ def memorization_lines(report: Mapping[str, Any]) -> list[str]:
         out += ["## Canary audit", "", f"Exposure in bits (max {ca['max_exposure_bits']:.2f}, never-inserted expectation 1.44); "
                 f"empirical epsilon lower bound {eps['epsilon_lb']:.3f} ({eps.get('method', '')}).", ""]
         out += [md_table(["Repetitions", "Canaries", "Mean exposure [95% CI]"],
-                         [[lv["repeats"], lv["n"], f"{lv['mean_exposure']:.2f}" + (f" [{lv['ci95'][0]:.2f}, {lv['ci95'][1]:.2f}]" if lv["ci95"] else "")]
-                          for lv in ca["by_repetitions"]]), ""]
+                         [[lv["repeats"], lv["n"], _exposure(lv)] for lv in ca["by_repetitions"]]), ""]
         if ca.get("one_run_audit"):
             out += [f"One-run audit (Steinke et al. 2023): epsilon >= {ca['one_run_audit']['epsilon_lb']:.3f}", ""]
         if ca.get("plot"):

@@ -24,6 +24,7 @@ from .encode import LATENT_CHOICE, empty_prompt_state, encode_records
 from .primitives import UNetPredictor
 from .runner import Release, run_release_attacks
 from .utility import compute_utility
+from ..rng import numpy_rng
 
 
 _COMMAND: list[str] = []
@@ -62,7 +63,7 @@ def attacked_members(records, max_members, seed: int):
     limit = check_max_members(max_members)
     if limit is None or len(records) <= limit:
         return list(records)
-    keep = np.sort(np.random.default_rng([int(seed), 0x6D656D]).choice(len(records), limit, replace=False))
+    keep = np.sort(numpy_rng(seed, "members-attacked").choice(len(records), limit, replace=False))
     return [records[i] for i in keep]
 
 
@@ -104,19 +105,12 @@ def check_baseline(path, training: dict | None) -> None:
 
 
 def defense_summary(cfg) -> dict:
-    """The trainer and the settings that define its defense, for the report and the card."""
-    container = to_container(cfg)
-    keep = {"trainer": container["trainer"], "lora": container["lora"],
-            "optim": {k: container["optim"][k] for k in ("lr", "weight_decay")},
-            "train": {k: container["train"][k] for k in ("max_steps", "batch_size")},
-            "data": {k: container["data"][k] for k in ("members", "resolution", "center_crop", "random_flip",
-                                                       "cutout", "randaugment", "randaugment_magnitude")
-                     if k in container["data"]}}
-    for key, value in container.items():
-        if key not in ("trainer", "seed", "output_dir", "resume", "overwrite", "tracking", "tracker_project", "tracking_log_captions",
-                       "model", "data", "lora", "train", "optim", "export", "eval", "recipe"):
-            keep[key] = value
-    return keep
+    """The trainer and the settings that define its defense (`report.defense_settings` against the root
+    recipe's defaults), for the report and the card."""
+    from ..config import load_config
+    from .report import ROOT_RECIPE, defense_settings
+
+    return defense_settings(to_container(cfg), to_container(load_config(ROOT_RECIPE)))
 
 
 SINGLE_RELEASE = Release("lora", description="the exported LoRA (lora/) over the base model")

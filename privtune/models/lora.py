@@ -24,6 +24,9 @@ TARGET_PRESETS = {
 }
 
 
+SHOWN_MISMATCHES = 3  # key / shape pairs a wrong-shape LoRA's error shows
+
+
 def target_modules(targets) -> list[str]:
     if isinstance(targets, str):
         if targets not in TARGET_PRESETS:
@@ -76,37 +79,150 @@ def lora_state_dict(model: torch.nn.Module, adapter_name: str = "default") -> di
 def load_lora(components, lora_dir, adapter_name: str = "default") -> None:
     """Load an exported LoRA folder into the components' UNet (and text encoder) through diffusers.
 
-    diffusers only warns when no key matches, so we check that every tensor of the file found a
-    module of the right shape, and raise ModelError naming the problem otherwise.
+    Every tensor's shape is checked against the model before diffusers sees the file, and diffusers only
+    warns when no key matches, so a LoRA that does not fit raises one short ModelError naming the problem.
     """
     from pathlib import Path
 
     from diffusers import StableDiffusionPipeline
 
     from ..errors import ModelError
+    from ..export import LORA_FILE
 
     folder = Path(lora_dir)
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):
         raise ModelError(f"LoRA folder {folder} holds no .safetensors weights; pass the run's lora/ folder")
+    weights = folder / LORA_FILE
     try:
-        state, _ = StableDiffusionPipeline.lora_state_dict(str(folder), weight_name="pytorch_lora_weights.safetensors")
+        state, _ = StableDiffusionPipeline.lora_state_dict(str(folder), weight_name=LORA_FILE)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelError(f"cannot read the LoRA in {folder}: {exc}") from exc
+    what = f"the base model {components.path}"
+    for prefix, model in (("unet", components.unet), ("text_encoder", components.text_encoder)):
+        part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        mismatches = shape_mismatches(model, part)
+        if mismatches:
+            raise ModelError(mismatch_message(weights, what, mismatches, len(part), file_settings(weights, part, prefix),
+                                              fix="evaluate it on the base model it was trained on"))
     unet_keys = [k for k in state if k.startswith("unet.")]
     try:
-        StableDiffusionPipeline.load_lora_into_unet(state, network_alphas=None, unet=components.unet, adapter_name=adapter_name)
-        text_keys = [k for k in state if k.startswith("text_encoder.")]
-        if text_keys:
-            StableDiffusionPipeline.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=components.text_encoder,
-                                                                adapter_name=adapter_name)
+        with _quiet_diffusers_loader():
+            StableDiffusionPipeline.load_lora_into_unet(state, network_alphas=None, unet=components.unet, adapter_name=adapter_name)
+            text_keys = [k for k in state if k.startswith("text_encoder.")]
+            if text_keys:
+                StableDiffusionPipeline.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=components.text_encoder,
+                                                                    adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelError(f"the LoRA in {folder} does not fit the base model {components.path}: {str(exc)[:500]}") from exc
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"the LoRA in {folder} does not fit {what}: {first}") from exc
     loaded = lora_state_dict(components.unet, adapter_name)
     if len(loaded) < len(unet_keys):
         raise ModelError(
-            f"the LoRA in {folder} does not fit the base model {components.path}: only {len(loaded)} of its "
+            f"the LoRA in {folder} does not fit {what}: only {len(loaded)} of its "
             f"{len(unet_keys)} UNet tensors match a module; was it trained on another base model?"
         )
+
+
+@contextmanager
+def _quiet_diffusers_loader():
+    """Mute diffusers' loader logger, which logs a failed load's whole error before re-raising it."""
+    import logging
+
+    logger = logging.getLogger("diffusers.loaders.peft")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _expected_shape(model: torch.nn.Module, key: str, found: tuple, adapter: dict):
+    """The shape `model` has for LoRA tensor `key` (`<module>.lora_A.weight`): the injected adapter's own
+    parameter (`adapter`: its name -> parameter, with the adapter's name dropped), else what the base layer's
+    sizes imply at the file's rank; None when unknown."""
+    module_name, sep, tail = key.rpartition(".lora_")
+    if not sep:
+        return None
+    part, _, leaf = tail.partition(".")
+    if key in adapter:
+        return tuple(adapter[key].shape)
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    base = getattr(module, "base_layer", module)
+    if leaf != "weight" or len(found) < 2:
+        return None
+    if isinstance(base, torch.nn.Linear):
+        return (found[0], base.in_features) if part == "A" else (base.out_features, found[1])
+    if isinstance(base, torch.nn.Conv2d):
+        return (found[0], base.in_channels, *base.kernel_size) if part == "A" else (base.out_channels, found[1], 1, 1)
+    return None
+
+
+def shape_mismatches(model: torch.nn.Module, state: dict, adapter_name: str | None = None) -> list[tuple[str, tuple, tuple]]:
+    """(key, expected shape, found shape) for every LoRA tensor of `state` (keys as exported, without the adapter's
+    name) whose shape `model` does not have; against adapter `adapter_name`'s parameters where it is injected."""
+    adapter = {}
+    if adapter_name is not None:
+        for name, param in model.named_parameters():
+            for part in (".lora_A.", ".lora_B."):
+                if f"{part}{adapter_name}." in name:
+                    adapter[name.replace(f"{part}{adapter_name}.", part)] = param
+    out = []
+    for key, tensor in state.items():
+        found = tuple(tensor.shape)
+        expected = _expected_shape(model, key, found, adapter)
+        if expected is not None and expected != found:
+            out.append((key, expected, found))
+    return out
+
+
+def _targets_name(names) -> str:
+    names = sorted(set(names))
+    for preset, members in TARGET_PRESETS.items():
+        if names == sorted(members):
+            return preset
+    return "[" + ",".join(names) + "]"
+
+
+def file_settings(weights_file, state: dict, prefix: str = "unet") -> str:
+    """The lora settings a file was trained with, as `lora.rank=.. lora.targets=..`: from the adapter metadata
+    privtune and diffusers write, else read off the tensors' shapes and module names."""
+    import json
+
+    meta = {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights_file), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    except (OSError, ValueError, RuntimeError):
+        pass
+    rank = meta.get(f"{prefix}.r")
+    targets = meta.get(f"{prefix}.target_modules")
+    if rank is None:
+        ranks = sorted({tuple(v.shape)[0] for k, v in state.items() if ".lora_A." in k and v.ndim >= 2})
+        rank = ranks[0] if len(ranks) == 1 else "/".join(map(str, ranks)) or "?"
+    if not targets:
+        known = {t for preset in TARGET_PRESETS.values() for t in preset}
+        modules = {k.rpartition(".lora_")[0] for k in state if ".lora_" in k}
+        targets = {t for m in modules for t in known if m == t or m.endswith("." + t)}
+    settings = f"lora.rank={rank} lora.targets={_targets_name(targets)}"
+    alpha = meta.get(f"{prefix}.lora_alpha")
+    return settings + (f" lora.alpha={alpha:g}" if isinstance(alpha, (int, float)) else "")
+
+
+def mismatch_message(weights_file, what: str, mismatches: list, total: int, settings: str, fix: str) -> str:
+    """One short message: the file, how many tensors mismatch, the first few shapes, and the fix."""
+    def shape(s):
+        return "(" + ", ".join(map(str, s)) + ")"
+
+    shown = "\n".join(f"  {k}: expected {shape(e)}, found {shape(f)}" for k, e, f in mismatches[:SHOWN_MISMATCHES])
+    more = f"\n  ... and {len(mismatches) - SHOWN_MISMATCHES} more" if len(mismatches) > SHOWN_MISMATCHES else ""
+    return (f"the LoRA {weights_file} does not fit {what}: {len(mismatches)} of its {total} tensors have another shape\n"
+            f"{shown}{more}\nthe file was trained with {settings}; {fix}")
 
 
 def tuner_layers(model: torch.nn.Module) -> list:
@@ -163,6 +279,12 @@ def load_adapter(model: torch.nn.Module, weights_file, config, adapter_name: str
 
     params = add_lora(model, config, adapter_name)
     state = {k[len("unet."):]: v for k, v in load_file(str(weights_file)).items() if k.startswith("unet.")}
+    mismatches = shape_mismatches(model, state, adapter_name)
+    if mismatches:
+        targets = config.target_modules if isinstance(config.target_modules, str) else _targets_name(config.target_modules)
+        raise ModelError(mismatch_message(weights_file, f"an adapter with lora.rank={config.r} lora.targets={targets}",
+                                          mismatches, len(state), file_settings(weights_file, state),
+                                          fix="set the lora settings to the file's"))
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora_" in k]
     loaded = lora_state_dict(model, adapter_name)

@@ -152,7 +152,8 @@ class Trainer:
         if self.resumed_split:
             recorded = load_manifest(manifest_path).get("training_fingerprint")
             if recorded and recorded != self.split.training_fingerprint:
-                raise ConfigError(f"resume would train on other rows than {manifest_path} records ({self.split.training_fingerprint['rows']} "
+                rows = self.split.training_fingerprint["rows"]
+                raise ConfigError(f"resume would train on other rows than {manifest_path} records ({rows} "
                                   f"rows now, {recorded['rows']} then): use the data settings the run started with")
         if self.cfg.eval.enabled and self.cfg.eval.baseline:
             from ..eval.stage import check_baseline

@@ -88,7 +88,8 @@ class DistillMDTrainer(PromptDiversification, Trainer):
     def check_run_dir(self) -> None:
         """A run interrupted in phase 1 has only teachers/ yet; resume=latest must accept it."""
         cfg = self.cfg
-        if cfg.resume == "latest" and not (self.run_dir / "config.yaml").exists() and (self.run_dir / TEACHERS_DIR / "config.yaml").exists():
+        phase_1_only = not (self.run_dir / "config.yaml").exists() and (self.run_dir / TEACHERS_DIR / "config.yaml").exists()
+        if cfg.resume == "latest" and phase_1_only:
             self.folder.resume_changes, self.folder.replaces = {}, None
             return
         super().check_run_dir()

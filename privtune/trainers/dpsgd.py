@@ -84,7 +84,8 @@ class DPSchedule:
     def reseed(self, seed: int) -> None:
         """Draw every batch from sampling seed `seed` from now on (drops the cached step)."""
         self.seed = int(seed)
-        self._shuffle = BatchSchedule(self.num_rows, self.expected, self.seed, 0, 1, self.random_flip)  # the plain schedule under the secret seed
+        # the plain schedule's stream, under the secret seed
+        self._shuffle = BatchSchedule(self.num_rows, self.expected, self.seed, 0, 1, self.random_flip)
         self._cached: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
 
     def logical(self, step: int) -> tuple[np.ndarray, np.ndarray]:

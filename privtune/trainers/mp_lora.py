@@ -336,7 +336,10 @@ class MPLoRATrainer(Trainer):
         fig = Figure(figsize=(10, 3.2))
         FigureCanvasAgg(fig)
         window = max(1, len(hist) // 50)
-        smooth = (lambda y: np.convolve(y, np.ones(window) / window, mode="valid"))
+
+        def smooth(y):
+            return np.convolve(y, np.ones(window) / window, mode="valid")
+
         x = hist[window - 1:, 0]
         panels = (("proxy attacker accuracy", [(1, "accuracy")], 0.5),
                   ("MI gain G = -CE (chance -log 2)", [(2, "gain")], -math.log(2)),

@@ -54,7 +54,8 @@ class Release:
         prompts = self.validation_prompts()
         if not prompts:
             if not self._warned_no_prompts:
-                print("privtune: no validation images: no held-out caption that is not also a training caption; set train.validation_prompts")
+                print("privtune: no validation images: no held-out caption that is not also a training caption; "
+                      "set train.validation_prompts")
                 self._warned_no_prompts = True
             acc.wait_for_everyone()
             return None

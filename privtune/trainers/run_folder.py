@@ -105,7 +105,8 @@ class RunFolder:
         else:
             path = Path(resume)
             if not (path / TRAINABLE_FILE).is_file():
-                raise ConfigError(f"resume={resume!r} is not a privtune checkpoint folder; use resume=latest or a checkpoints/checkpoint-<step> path")
+                raise ConfigError(f"resume={resume!r} is not a privtune checkpoint folder; use resume=latest or a "
+                                  "checkpoints/checkpoint-<step> path")
         accelerator.load_state(str(path))
         if main:
             print(f"privtune: resumed from {path} at step {state.step}")

@@ -7,7 +7,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-import torch
 
 from privtune.eval.attacks import AttackTarget
 from privtune.eval.card import render_card

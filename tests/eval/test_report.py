@@ -229,3 +229,38 @@ def test_scrub_and_leak_check(tmp_path):
         write_model_card(tmp_path / "lora", make_report(tmp_path), base_model=HUB_BASE, repro_command="x",
                          forbidden=["privtune", "redacted"])
     assert not (tmp_path / "lora" / "README.md").exists()
+
+
+def _defense_report(tmp_path: Path, recipe: str, overrides: list[str]) -> tuple[dict, str]:
+    """A report on fake attacks for `recipe` + `overrides`, with the defense summarised as the stage does."""
+    from privtune.config import load_config, to_container
+    from privtune.eval.stage import defense_summary
+
+    cfg = load_config(recipe, overrides)
+    report = build_report(config=to_container(cfg), attacks_result=fake_attacks({"loss": 0.3}), utility=None, privacy=None,
+                          split_sizes={"members": 40, "nonmembers": 40}, command=f"privtune train recipe={recipe}",
+                          defense=defense_summary(cfg), baseline=None)
+    write_report(tmp_path / "run", report)
+    line = next(li for li in (tmp_path / "run" / "report.md").read_text().splitlines() if li.startswith("- **Defense:**"))
+    return report, line
+
+
+def test_defense_line_names_changed_keys_only(tmp_path):
+    report, line = _defense_report(tmp_path, "lora", ["optim.lr=0.005", "seed=3", "train.log_every=2"])
+    assert report["defense"] == {"name": "lora", "settings": {"optim": {"lr": 0.005}}}
+    assert line == "- **Defense:** lora (optim.lr=0.005)"
+    _, line = _defense_report(tmp_path / "plain", "lora", [])
+    assert line == "- **Defense:** lora (every setting at the lora recipe's defaults)"
+
+
+def test_defense_line_lists_the_defense_section_and_recipe_changes(tmp_path):
+    report, line = _defense_report(tmp_path, "dpsgd", ["dp.noise_multiplier=1.5", "lora.rank=4"])
+    settings = report["defense"]["settings"]
+    assert report["defense"]["name"] == "dpsgd" and set(settings) == {"dp", "train", "lora"}
+    assert settings["dp"]["noise_multiplier"] == 1.5 and settings["dp"]["accountant"] == "rdp"  # the whole dp section
+    assert settings["train"] == {"max_grad_norm": 0} and settings["lora"] == {"rank": 4}  # the recipe's and the command's changes
+    assert "dp.accountant=rdp" in line and "train.max_grad_norm=0" in line and "lora.rank=4" in line
+    for unchanged in ("captions.", "memorization_filter.", "lora.alpha", "optim.lr", "eval.", " seed=", "(seed="):
+        assert unchanged not in line
+    card = write_model_card(tmp_path / "lora", report, base_model=HUB_BASE, repro_command="privtune train recipe=dpsgd").read_text()
+    assert "`dp` settings" in card and "`captions` settings" not in card and "lora.rank=4" in card
