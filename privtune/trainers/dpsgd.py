@@ -46,7 +46,7 @@ import torch
 from ..errors import ConfigError, PrivtuneError
 from ..io import atomic_write_json
 from ..losses import denoising_loss
-from ..privacy import ACCOUNTANTS, epsilon_spent, make_accountant, plan_budget
+from ..privacy import epsilon_spent, make_accountant, plan_budget
 from ..privacy.accounting import budget_warnings
 from ..rng import numpy_rng, seeded
 from . import capabilities, steps
@@ -228,17 +228,7 @@ class DPSGDTrainer(Trainer):
         cfg = self.cfg
         if "dp" not in cfg:
             raise ConfigError("trainer dpsgd needs a dp: section; use recipe=dpsgd (or inherit from it)")
-        dp = cfg.dp
-        if dp.accountant not in ACCOUNTANTS:
-            raise ConfigError(f"dp.accountant must be one of {', '.join(ACCOUNTANTS)} (got {dp.accountant!r})")
-        if dp.grad_sample not in ("hooks", "functorch"):
-            raise ConfigError(f"dp.grad_sample must be hooks or functorch (got {dp.grad_sample!r})")
-        if int(dp.noise_multiplicity) < 1:
-            raise ConfigError(f"dp.noise_multiplicity must be >= 1 (got {dp.noise_multiplicity})")
-        if dp.target_epsilon is not None and not float(dp.target_epsilon) > 0:
-            raise ConfigError(f"dp.target_epsilon must be > 0 (got {dp.target_epsilon})")
-        if dp.delta is not None and not 0 < float(dp.delta) < 1:
-            raise ConfigError(f"dp.delta must be in (0, 1) (got {dp.delta})")
+        dp = cfg.dp  # value ranges: privtune.schema.defenses.DP, checked at load time
         check_seed(dp, "noise_seed")
         check_seed(dp, "sampling_seed")
 
