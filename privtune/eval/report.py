@@ -109,6 +109,13 @@ NOT_DEFENSE_KEYS = ("recipe", "inherits", "trainer", "seed", "output_dir", "resu
                     "train.cache_latents", "train.gradient_checkpointing")
 
 
+def _is_local_path(value: Any) -> bool:
+    """A string that names a file or folder (an absolute or relative path, or one that exists here)."""
+    import os
+
+    return isinstance(value, str) and (os.sep in value or value.startswith(".") or os.path.exists(value))
+
+
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     """Dotted key -> leaf (lists kept whole) of a nested dict."""
     if not isinstance(node, Mapping):
@@ -126,11 +133,13 @@ def defense_settings(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     out: dict[str, Any] = {"trainer": config.get("trainer")}
     for name, section in config.items():
         if name not in defaults and name not in NOT_DEFENSE_KEYS:
-            out[name] = section
+            out[name] = {k: v for k, v in section.items() if not _is_local_path(v)} if isinstance(section, Mapping) else section
     base = _leaves(defaults)
     for key, value in _leaves({k: v for k, v in config.items() if k in defaults}).items():
         if key.split(".")[0] in NOT_DEFENSE_KEYS or key in NOT_DEFENSE_KEYS or (key in base and base[key] == value):
             continue
+        if _is_local_path(value):
+            continue  # a data or teacher folder: the release never names where the training data lives
         section, _, rest = key.partition(".")
         if rest:
             out.setdefault(section, {})[rest] = value

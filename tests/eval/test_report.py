@@ -264,3 +264,14 @@ def test_defense_line_lists_the_defense_section_and_recipe_changes(tmp_path):
         assert unchanged not in line
     card = write_model_card(tmp_path / "lora", report, base_model=HUB_BASE, repro_command="privtune train recipe=dpsgd").read_text()
     assert "`dp` settings" in card and "`captions` settings" not in card and "lora.rank=4" in card
+
+
+def test_defense_line_never_names_a_local_data_or_teacher_path(tmp_path):
+    from privtune.eval.report import defense_settings
+
+    defaults = {"trainer": "lora", "data": {"source": "embedded", "members": 64}}
+    config = {"trainer": "distillmd", "data": {"source": str(tmp_path / "faces"), "members": 32},
+              "distill": {"teachers": str(tmp_path / "teachers"), "teacher_steps": 5}}
+    out = defense_settings(config, defaults)
+    assert out["data"] == {"members": 32} and out["distill"] == {"teacher_steps": 5}
+    assert str(tmp_path) not in str(out)
