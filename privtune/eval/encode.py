@@ -16,17 +16,45 @@ LATENT_CHOICE = "vae posterior mode x scaling_factor"
 
 @torch.no_grad()
 def encode_records(components, records, resolution: int, device, batch_size: int = 32) -> EncodedSamples:
-    vae, text_encoder, tok = components.vae, components.text_encoder, components.tokenizer
+    """Latents and caption states of `records`, with their captions and preprocessed pixels (kept on the CPU)."""
+    vae = components.vae
     dtype = next(vae.parameters()).dtype
-    latents, conds = [], []
+    encode = text_encoder_fn(components, device)
+    latents, conds, images = [], [], []
     for lo in range(0, len(records), batch_size):
         chunk = records[lo:lo + batch_size]
-        pixels = torch.stack([preprocess(r.image, resolution) for r in chunk]).to(device, dtype)
-        latents.append(vae.encode(pixels).latent_dist.mode().float() * components.scaling_factor)
-        ids = tok([r.caption for r in chunk], padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(device)
-        conds.append(text_encoder(ids, return_dict=False)[0].float())
-    return EncodedSamples(torch.cat(latents), torch.cat(conds), [r.id for r in records])
+        pixels = torch.stack([preprocess(r.image, resolution) for r in chunk])
+        latents.append(vae.encode(pixels.to(device, dtype)).latent_dist.mode().float() * components.scaling_factor)
+        conds.append(encode([r.caption for r in chunk]))
+        images.append(pixels.float())
+    return EncodedSamples(torch.cat(latents), torch.cat(conds), [r.id for r in records],
+                          captions=[r.caption for r in records], pixels=torch.cat(images))
+
+
+def text_encoder_fn(components, device):
+    """prompts -> condition states [B,L,D] (float32, on `device`) through the target's own tokenizer and text encoder."""
+    tok, text_encoder = components.tokenizer, components.text_encoder
+
+    @torch.no_grad()
+    def encode(prompts) -> torch.Tensor:
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        return text_encoder(ids, return_dict=False)[0].float()
+
+    return encode
+
+
+def decoder_fn(components):
+    """scaled latents -> pixels in [-1, 1] (float32, on the latents' device) through the target's VAE."""
+    vae = components.vae
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        p = next(vae.parameters())
+        out = vae.decode(latents.to(p.device, p.dtype) / components.scaling_factor).sample
+        return out.float().clamp(-1, 1).to(latents.device)
+
+    return decode
 
 
 @torch.no_grad()

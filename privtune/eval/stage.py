@@ -20,7 +20,7 @@ from ..config import to_container
 from ..errors import ConfigError
 from .attacks import ATTACKS, AttackTarget
 from .distributed import sharded
-from .encode import LATENT_CHOICE, empty_prompt_state, encode_records
+from .encode import LATENT_CHOICE, decoder_fn, empty_prompt_state, encode_records, text_encoder_fn
 from .primitives import UNetPredictor
 from .runner import Release, run_release_attacks
 from .utility import compute_utility
@@ -137,7 +137,8 @@ def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=N
     predictor = UNetPredictor(unet, guidance_scale=float(ev.guidance_scale), uncond=uncond)
     alphas = components.noise_scheduler.alphas_cumprod.to(torch.float64)
     target = AttackTarget(predictor, alphas, uncond=empty_prompt_state(components, device), token_lengths=token_lengths(
-        components.tokenizer, split.members + split.nonmembers))
+        components.tokenizer, split.members + split.nonmembers), encode_text=text_encoder_fn(components, device),
+        decode=decoder_fn(components), unet=unet)
     member_records = attacked_members(split.members, ev.get("max_members"), int(cfg.seed))
     members = encode_records(components, member_records, cfg.data.resolution, device)
     nonmembers = encode_records(components, split.nonmembers, cfg.data.resolution, device)

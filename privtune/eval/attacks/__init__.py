@@ -1,6 +1,9 @@
 """Membership-inference attacks; importing this package registers each one in `ATTACKS`."""
 
 from . import loss, pia, ren, secmi, wen
-from .base import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples
+from .base import ATTACKS, REQUIREMENTS, Attack, AttackScores, AttackTarget, EncodedSamples, missing_requirements
 
-__all__ = ["ATTACKS", "Attack", "AttackScores", "AttackTarget", "EncodedSamples", "loss", "pia", "ren", "secmi", "wen"]
+__all__ = [
+    "ATTACKS", "REQUIREMENTS", "Attack", "AttackScores", "AttackTarget", "EncodedSamples", "missing_requirements",
+    "loss", "pia", "ren", "secmi", "wen",
+]

@@ -29,11 +29,16 @@ ATTACKS: Registry[type["Attack"]] = Registry("attack")
 @dataclass
 class EncodedSamples:
     """Samples already in the model's input space: latents [N,C,H,W], text conditions [N,L,D]
-    and one unique string id per sample (ids drive per-sample noise and the leakage checks)."""
+    and one unique string id per sample (ids drive per-sample noise and the leakage checks).
+    Attacks that need more get it here: `captions` (the training captions, for attacks that re-encode
+    diminished prompts) and `pixels` [N,3,H,W] in [-1,1] (the preprocessed images the latents encode,
+    for attacks that compare decoded images with them)."""
 
     latents: Tensor
     cond: Tensor
     ids: list[str]
+    captions: list[str] | None = None
+    pixels: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.ids = [str(i) for i in self.ids]
@@ -45,35 +50,48 @@ class EncodedSamples:
             )
         if self.latents.dim() != 4 or self.cond.dim() != 3:
             raise DataError("EncodedSamples: latents must be [N,C,H,W] and cond [N,L,D]")
+        if self.captions is not None:
+            self.captions = [str(c) for c in self.captions]
+            if len(self.captions) != n:
+                raise DataError(f"EncodedSamples: {len(self.captions)} captions for {n} samples")
+        if self.pixels is not None and (self.pixels.dim() != 4 or self.pixels.shape[0] != n):
+            raise DataError(f"EncodedSamples: pixels must be [N,3,H,W] with N={n}, got {tuple(self.pixels.shape)}")
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _with(self, latents: Tensor, cond: Tensor, ids: list[str], captions, pixels) -> "EncodedSamples":
+        return EncodedSamples(latents, cond, ids, captions, pixels)
+
     def subset(self, index: Sequence[int] | np.ndarray | Tensor) -> "EncodedSamples":
         idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        return EncodedSamples(
-            self.latents[idx.to(self.latents.device)], self.cond[idx.to(self.cond.device)],
-            [self.ids[i] for i in idx.tolist()],
+        rows = idx.tolist()
+        return self._with(
+            self.latents[idx.to(self.latents.device)], self.cond[idx.to(self.cond.device)], [self.ids[i] for i in rows],
+            None if self.captions is None else [self.captions[i] for i in rows],
+            None if self.pixels is None else self.pixels[idx.to(self.pixels.device)],
         )
 
     def to(self, device: torch.device | str | None) -> "EncodedSamples":
         if device is None:
             return self
-        return EncodedSamples(self.latents.to(device), self.cond.to(device), self.ids)
+        pixels = None if self.pixels is None else self.pixels.to(device)
+        return self._with(self.latents.to(device), self.cond.to(device), self.ids, self.captions, pixels)
 
     @staticmethod
     def concat(parts: Sequence["EncodedSamples"]) -> "EncodedSamples":
+        captions = None if any(p.captions is None for p in parts) else [c for p in parts for c in p.captions]
+        pixels = None if any(p.pixels is None for p in parts) else torch.cat([p.pixels for p in parts])
         return EncodedSamples(
             torch.cat([p.latents for p in parts]), torch.cat([p.cond for p in parts]),
-            [i for p in parts for i in p.ids],
+            [i for p in parts for i in p.ids], captions, pixels,
         )
 
     def batches(self, batch_size: int) -> Iterator["EncodedSamples"]:
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
         for lo in range(0, len(self), batch_size):
-            sl = slice(lo, lo + batch_size)
-            yield EncodedSamples(self.latents[sl], self.cond[sl], self.ids[sl])
+            yield self.subset(np.arange(lo, min(lo + batch_size, len(self))))
 
 
 @dataclass
@@ -81,13 +99,21 @@ class AttackTarget:
     """What a gray-box attacker queries: a noise predictor and the target scheduler's ᾱ_t.
     Batches are moved to `device` (default: where the latents already are). Prompt-level
     memorization attacks also need the empty-prompt embedding `uncond` [1,L,D] and, for Ren et
-    al.'s mode D, each sample's tokenised prompt length (BOS + tokens + first EOS) by sample id."""
+    al.'s mode D, each sample's tokenised prompt length (BOS + tokens + first EOS) by sample id.
+
+    What an attack may further need (its `requires`, checked by `missing_requirements`): `encode_text`
+    (prompts -> condition states [B,L,D] from the target's own text encoder; "captions"), `decode`
+    (scaled latents -> pixels in [-1,1] through the target's VAE; "pixels") and `unet` (the attacked
+    network itself, for gradients; "white_box")."""
 
     predictor: NoisePredictor
     alphas_cumprod: Tensor
     device: torch.device | str | None = None
     uncond: Tensor | None = None
     token_lengths: dict[str, int] | None = None
+    encode_text: Callable[[Sequence[str]], Tensor] | None = None
+    decode: Callable[[Tensor], Tensor] | None = None
+    unet: torch.nn.Module | None = None
 
     def __post_init__(self) -> None:
         if self.alphas_cumprod.dim() != 1:
@@ -151,6 +177,28 @@ def best_by_auc(candidates: dict[Any, np.ndarray], labels: np.ndarray) -> tuple[
     return best, {str(k): v for k, v in aucs.items()}
 
 
+REQUIREMENTS = {
+    "captions": "the training captions and the target's text encoder (samples.captions, target.encode_text)",
+    "pixels": "the images and the target's VAE decoder (samples.pixels, target.decode)",
+    "white_box": "the attacked network's weights and autograd (target.unet)",
+}
+
+
+def missing_requirements(attack: "Attack | type[Attack]", target: AttackTarget | None = None,
+                         samples: EncodedSamples | None = None) -> list[str]:
+    """What `attack` needs that the target or samples lack, in words (empty when it can run).
+    A None target or samples is not checked."""
+    have = {
+        "captions": (target is None or target.encode_text is not None) and (samples is None or samples.captions is not None),
+        "pixels": (target is None or target.decode is not None) and (samples is None or samples.pixels is not None),
+        "white_box": target is None or target.unet is not None,
+    }
+    unknown = [r for r in attack.requires if r not in REQUIREMENTS]
+    if unknown:
+        raise ConfigError(f"attack {attack.name!r} declares unknown requirement(s) {unknown}; known: {', '.join(REQUIREMENTS)}")
+    return [f"{attack.name} needs {REQUIREMENTS[r]}" for r in attack.requires if not have[r]]
+
+
 class Attack:
     """Base class. Subclasses implement `_score_batch` (-> {"score": [B], "raw": [B]}) and, when
     they fit anything, `calibrate`. `calibrate` may return scores on (a held-out part of) the
@@ -160,6 +208,7 @@ class Attack:
     name = "attack"
     statistic = ""         # what `raw` measures, for the report's inversion note ("t-error")
     members_lower = False  # the spec expects members to have the smaller `raw` (score = -raw)
+    requires: tuple[str, ...] = ()  # keys of REQUIREMENTS beyond noise predictions (see missing_requirements)
 
     def __init__(self, seed: int = 0):
         self.seed = int(seed)
