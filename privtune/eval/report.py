@@ -400,6 +400,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     params = [f"- **{n}**: {fmt_settings(a.get('params'))}" for n, a in (report.get("attacks") or {}).items()]
     if params:
         out += ["Attack settings:", "", *params, ""]
+    skipped = (report.get("protocol") or {}).get("attacks_skipped") or {}
+    if skipped:
+        out += ["Attacks not run (their requirements are not met by this release):", "",
+                *[f"- **{n}**: {why}" for n, why in skipped.items()], ""]
+    seconds = [(n, a.get("seconds")) for n, a in (report.get("attacks") or {}).items() if a.get("seconds") is not None]
+    if seconds:
+        out += ["Wall time per attack (calibration + report scoring): "
+                + ", ".join(f"{n} {fmt_num(t)} s" for n, t in seconds), ""]
     warnings = warning_lines(report)
     out += ["## Warnings", "", *([f"- {w}" for w in warnings] or ["None."]), ""]
     util = utility_section(report)

@@ -23,7 +23,7 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .attacks import ATTACKS, Attack, AttackTarget, EncodedSamples
+from .attacks import ATTACKS, Attack, AttackTarget, EncodedSamples, missing_requirements
 from .attacks.base import member_labels
 from .metrics import auc, calibrated_accuracy, evaluate_scores
 from ..rng import numpy_rng
@@ -96,6 +96,36 @@ def build_attack(name: str, params: Mapping[str, Any] | None = None, seed: int =
         raise ConfigError(f"attack {name!r} has no setting(s) {unknown}; valid settings: {', '.join(accepted)}")
     kwargs.setdefault("seed", seed)
     return cls(**kwargs)
+
+
+ALL = "all"
+
+
+def select_attacks(names: Sequence[str], target: AttackTarget | None = None,
+                   samples: EncodedSamples | None = None) -> tuple[list[str], dict[str, str]]:
+    """The attacks to run and the ones skipped, with why. `all` (alone or among names) stands for every
+    registered attack whose requirements the target and samples meet; a named attack whose requirements
+    are not met is a ConfigError naming what is missing."""
+    names = [str(n) for n in names]
+    chosen, skipped = [], {}
+    for name in names:
+        if name == ALL:
+            for other in ATTACKS.names():
+                missing = missing_requirements(ATTACKS.get(other), target, samples)
+                if missing:
+                    skipped[other] = "; ".join(missing)
+                elif other not in chosen:
+                    chosen.append(other)
+            continue
+        missing = missing_requirements(ATTACKS.get(name), target, samples)
+        if missing:
+            raise ConfigError(f"attack {name!r} cannot run on this target: {'; '.join(missing)}. Drop it from eval.attacks "
+                              f"(or use eval.attacks=[all], which runs every attack the target allows)")
+        if name not in chosen:
+            chosen.append(name)
+    if not chosen:
+        raise ConfigError("no attack to run: " + ("; ".join(skipped.values()) or "eval.attacks is empty"))
+    return chosen, {k: v for k, v in skipped.items() if k not in chosen}
 
 
 @dataclass
@@ -268,6 +298,7 @@ def run_release_attacks(
     attack_params = dict(attack_params or {})
     for name in attack_params:
         ATTACKS.get(name)
+    attack_names, skipped = select_attacks(attack_names, releases[0].target, members)
     for name in attack_names:
         build_attack(name, attack_params.get(name), seed)
     if split is None:
@@ -305,6 +336,7 @@ def run_release_attacks(
             "releases": {r.name: r.description for r in releases},
             "combinations": [combination_name(c) for c in combinations],
             "threat_model": threat_model,
+            "attacks_skipped": skipped,
         },
         "attacks": results,
     }

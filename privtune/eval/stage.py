@@ -40,9 +40,15 @@ def command_line() -> str:
 
 
 def check_attacks(names) -> list[str]:
+    """Known attack names (or `all`), checked at config time, before anything is trained."""
+    from .runner import ALL
+
     names = [str(n) for n in names]
+    if not names:
+        raise ConfigError("eval.attacks is empty; name at least one attack, or eval.attacks=[all]")
     for n in names:
-        ATTACKS.get(n)
+        if n != ALL:
+            ATTACKS.get(n)
     return names
 
 

@@ -80,3 +80,21 @@ def test_unknown_attack_or_setting(alphas_cumprod, members, nonmembers):
         run_attacks(target, members, nonmembers, ["lossy"], progress=False)
     with pytest.raises(ConfigError, match="valid settings"):
         run_attacks(target, members, nonmembers, ["pia"], {"pia": {"tt": 3}}, progress=False)
+
+
+def test_all_runs_what_the_target_allows_and_says_what_it_skipped(alphas_cumprod, members, nonmembers):
+    from privtune.eval.attacks import ATTACKS, missing_requirements
+    from privtune.eval.runner import select_attacks
+
+    bare = AttackTarget(MemorizingOracle(members.latents, alphas_cumprod), alphas_cumprod)
+    chosen, skipped = select_attacks(["all"], bare, members)
+    assert {"loss", "secmi", "pia"} <= set(chosen) and {"clid_th", "clid_vec"} <= set(skipped)
+    assert set(chosen) | set(skipped) == set(ATTACKS.names()) and not set(chosen) & set(skipped)
+    assert all(not missing_requirements(ATTACKS.get(n), bare, members) for n in chosen)
+    assert "captions" in skipped["clid_th"]
+    assert select_attacks(["loss", "all"], bare, members)[0][0] == "loss"  # named first, no duplicates
+    with pytest.raises(ConfigError, match="clid_th.*cannot run on this target.*captions"):
+        select_attacks(["clid_th"], bare, members)
+    out = run_attacks(bare, members, nonmembers, ["loss"], {"loss": {"timesteps": [100], "draws": 1}}, batch_size=16,
+                      n_bootstrap=20, progress=False)
+    assert out["protocol"]["attacks_skipped"] == {}

@@ -1,9 +1,9 @@
 """Membership-inference attacks; importing this package registers each one in `ATTACKS`."""
 
-from . import loss, pia, ren, secmi, wen
+from . import clid, loss, pia, ren, secmi, wen
 from .base import ATTACKS, REQUIREMENTS, Attack, AttackScores, AttackTarget, EncodedSamples, missing_requirements
 
 __all__ = [
     "ATTACKS", "REQUIREMENTS", "Attack", "AttackScores", "AttackTarget", "EncodedSamples", "missing_requirements",
-    "loss", "pia", "ren", "secmi", "wen",
+    "clid", "loss", "pia", "ren", "secmi", "wen",
 ]
