@@ -4,13 +4,18 @@
   attack must separate its training points from fresh ones (AUC ≈ 1).
 * GaussianOracle: the exact ε-optimum for N(μ, s²I), which memorizes nothing (AUC ≈ 0.5).
 
-Both compute in float64 and return x's dtype.
+Both compute in float64 and return x's dtype. Beside them, the stand-ins an attack with requirements
+needs around an oracle: a text encoder (captions -> states), a decoder (latents -> pixels) and a
+parametric network (for gradients).
 """
 
 from __future__ import annotations
 
+import hashlib
+from types import SimpleNamespace
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _coeffs(alphas_cumprod: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,3 +84,43 @@ class DoubledNFE:
 
     def __call__(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         return self.predictor(x, t, cond)
+
+
+class TextEncoder:
+    """A deterministic caption -> [8, 16] state (one seeded vector per string); counts the prompts it encodes."""
+
+    def __init__(self):
+        self.prompts = 0
+
+    def __call__(self, prompts):
+        self.prompts += len(prompts)
+        out = []
+        for p in prompts:
+            seed = int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+            out.append(torch.randn(8, 16, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(out)
+
+
+def upsample_decode(latents):
+    """A fixed stand-in for the VAE decoder: the first 3 latent channels, halved, nearest-upsampled ×4
+    and clamped to [-1, 1] ([N,4,8,8] -> [N,3,32,32])."""
+    x = (0.5 * latents[:, :3]).repeat_interleave(4, dim=-2).repeat_interleave(4, dim=-1)
+    return x.clamp(-1, 1)
+
+
+class OracleUNet(nn.Module):
+    """A parametric noise predictor: a closed-form oracle between two 1×1 convolutions initialised at the
+    identity, so ε is the oracle's while the convolutions' weights have (per-sample) gradients. Called
+    like a diffusers UNet: net(x, t, encoder_hidden_states=c).sample."""
+
+    def __init__(self, oracle, channels: int = 4):
+        super().__init__()
+        self.oracle = oracle
+        self.pre, self.head = nn.Conv2d(channels, channels, 1), nn.Conv2d(channels, channels, 1)
+        with torch.no_grad():
+            for conv in (self.pre, self.head):
+                conv.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
+                conv.bias.zero_()
+
+    def forward(self, x, t, encoder_hidden_states):
+        return SimpleNamespace(sample=self.head(self.oracle(self.pre(x), t, encoder_hidden_states)))

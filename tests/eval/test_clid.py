@@ -1,7 +1,5 @@
 """CLiD (clid_th, clid_vec): conditional-likelihood discrepancy against the closed-form oracles."""
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch
@@ -12,22 +10,7 @@ from privtune.eval.attacks.base import member_labels
 from privtune.eval.attacks.clid import diminished_captions
 from privtune.eval.metrics import auc
 
-from .oracles import DoubledNFE, GaussianOracle, MemorizingOracle
-
-
-class TextEncoder:
-    """A deterministic caption -> [L, D] state (one seeded vector per string); counts its calls."""
-
-    def __init__(self):
-        self.prompts = 0
-
-    def __call__(self, prompts):
-        self.prompts += len(prompts)
-        out = []
-        for p in prompts:
-            seed = int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
-            out.append(torch.randn(8, 16, generator=torch.Generator().manual_seed(seed)))
-        return torch.stack(out)
+from .oracles import DoubledNFE, GaussianOracle, MemorizingOracle, TextEncoder
 
 
 def samples(n, prefix, seed, encode):

@@ -1,0 +1,84 @@
+"""Every registered attack against the closed-form oracles of specs/attacks.md §0.4, from one parameter table:
+a new attack must add a row here (or say why the oracles do not apply to it) or this file fails.
+
+The harness gives every attack what it may require around the oracle: captions and a text encoder, pixels and a
+decoder, and a parametric network for gradient attacks (tests/eval/oracles.py).
+"""
+
+import pytest
+import torch
+
+from privtune.eval.attacks import ATTACKS, AttackTarget, EncodedSamples, missing_requirements
+from privtune.eval.attacks.base import member_labels
+from privtune.eval.metrics import auc
+
+from .oracles import GaussianOracle, MemorizingOracle, OracleUNet, TextEncoder, upsample_decode
+
+# fast settings, and the UNet evaluations per scored sample the spec gives for them
+ORACLE_TABLE = {
+    "loss": ({"timesteps": [100], "draws": 2}, 2),
+    "secmi": ({"t_sec": 60, "k": 20}, 4),
+    "secmi_nn": ({"t_sec": 60, "k": 20, "epochs": 15}, 4),
+    "pia": ({"timesteps": [200]}, 2),
+    "pian": ({"timesteps": [200]}, 2),
+    "quantile": ({"t_sec": 60, "k": 20, "n_models": 3}, 4),
+    "clid_th": ({}, 15),
+    "clid_vec": ({}, 15),
+    "gsa1": ({"n_timesteps": 5}, 5),
+    "gsa2": ({"n_timesteps": 5}, 5),
+    "structural": ({"timesteps": [40]}, 2),
+}
+NOT_ORACLE = {
+    name: "prompt-level memorization detector: it scores a caption's generations, not the sample's image, so the "
+          "image oracles do not apply (tests/test_memorization_detection.py trains caption-memorizing models instead)"
+    for name in ("wen", "wen_trajectory", "ren", "ren_trajectory")
+}
+
+
+def test_every_registered_attack_is_in_the_table():
+    assert set(ATTACKS.names()) == set(ORACLE_TABLE) | set(NOT_ORACLE), "add the new attack to ORACLE_TABLE"
+    assert not set(ORACLE_TABLE) & set(NOT_ORACLE)
+
+
+def dataset(n, prefix, seed, encode):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(n, 4, 8, 8, generator=g)
+    captions = [f"{prefix} sample {i}, a portrait" for i in range(n)]
+    return EncodedSamples(latents, encode(captions), [f"{prefix}{i}" for i in range(n)], captions=captions,
+                          pixels=upsample_decode(latents))
+
+
+def full_target(predictor, alphas_cumprod, encode):
+    return AttackTarget(predictor, alphas_cumprod, encode_text=encode, decode=upsample_decode,
+                        unet=OracleUNet(predictor).eval().requires_grad_(False))
+
+
+def calibrated_auc(name, target, members, nonmembers, half):
+    attack = ATTACKS.get(name)(**ORACLE_TABLE[name][0])
+    attack.calibrate(target, members.subset(range(half)), nonmembers.subset(range(half)), batch_size=16, progress=False)
+    report = EncodedSamples.concat([members.subset(range(half, 2 * half)), nonmembers.subset(range(half, 2 * half))])
+    res = attack.score(target, report, batch_size=16, progress=False)
+    return res, member_labels(half, half)
+
+
+@pytest.mark.parametrize("name", sorted(ORACLE_TABLE))
+def test_memorizing_oracle_is_detected_and_role_swap_inverts(name, alphas_cumprod):
+    encode = TextEncoder()
+    members, nonmembers = dataset(32, "m", 1, encode), dataset(32, "n", 2, encode)
+    oracle = MemorizingOracle(members.latents, alphas_cumprod, conds=members.cond)  # conditional: CLiD has a signal
+    target = full_target(oracle, alphas_cumprod, encode)
+    assert missing_requirements(ATTACKS.get(name), target, members) == []
+    res, y = calibrated_auc(name, target, members, nonmembers, 16)
+    value = auc(res.scores, y)
+    assert value >= 0.9, f"{name}: AUC {value:.3f} on a model that memorized its members"
+    assert auc(res.scores, 1 - y) == pytest.approx(1 - value)
+    assert res.nfe_per_sample == ORACLE_TABLE[name][1], f"{name}: NFE per sample"
+
+
+@pytest.mark.parametrize("name", sorted(ORACLE_TABLE))
+def test_generalizing_oracle_is_chance(name, alphas_cumprod):
+    encode = TextEncoder()
+    members, nonmembers = dataset(64, "a", 11, encode), dataset(64, "b", 12, encode)
+    target = full_target(GaussianOracle(0.0, 1.0, alphas_cumprod), alphas_cumprod, encode)
+    res, y = calibrated_auc(name, target, members, nonmembers, 32)
+    assert abs(auc(res.scores, y) - 0.5) <= 0.2, f"{name} separates two samples of one population"
