@@ -174,3 +174,26 @@ def test_privacy_record_of_an_older_dp_run_gets_its_caveat(tmp_path):
     (tmp_path / "privacy.json").write_text(json.dumps({"epsilon": 8.0, "secret_sampling": True, "caveats": []}))
     assert read_privacy(tmp_path)["caveats"] == []
     assert read_privacy(None) is None
+
+
+def test_every_attack_runs_on_a_real_run(evaluated_run, tmp_path):
+    """eval.attacks=[all] on the tiny SD run: every registered attack gets what it requires (captions and the text
+    encoder, pixels and the VAE, the UNet's LoRA weights) and none is skipped."""
+    from privtune.eval.attacks import ATTACKS
+
+    out = tmp_path / "all"
+    cheap = ("{loss: {timesteps: [100], draws: 1}, secmi: {t_sec: 40, k: 20}, secmi_nn: {t_sec: 40, k: 20, epochs: 2}, "
+             "pia: {timesteps: [100]}, pian: {timesteps: [100]}, quantile: {t_sec: 40, k: 20, n_models: 2}, "
+             "clid_th: {timesteps: [450]}, clid_vec: {timesteps: [450]}, gsa1: {n_timesteps: 2}, gsa2: {n_timesteps: 2}, "
+             "structural: {timesteps: [40]}, wen: {generations: 1, steps: 4}, wen_trajectory: {generations: 1, steps: 4}, "
+             "ren: {}, ren_trajectory: {steps: 4, last: 2}}")
+    assert evaluate_main([f"run={evaluated_run}", f"out={out}", "eval.attacks=[all]", f"eval.attack_params={cheap}",
+                          "eval.utility=false", "eval.bootstrap=20"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["attacks"]) == set(ATTACKS.names()) and report["protocol"]["attacks_skipped"] == {}
+    gsa = report["attacks"]["gsa1"]["params"]
+    assert gsa["parameters"] == "lora" and gsa["n_tensors"] > 0
+    assert report["attacks"]["structural"]["params"]["vae_floor_ssim"]
+    for name, attack in report["attacks"].items():
+        assert 0.0 <= attack["metrics"]["auc"]["value"] <= 1.0 and attack["seconds"] >= 0, name
+    assert "Wall time per attack" in (out / "report.md").read_text()
