@@ -3,6 +3,8 @@
 For each attack it prints samples/s, UNet evaluations (NFE) per sample, and the ratio of the
 attack's NFE/s to the raw batched UNet forward throughput at the same batch size, measured right
 before it in the same process (goal >= 0.9: the attack's own arithmetic should be negligible).
+GSA's NFE are forwards with per-sample gradients (plus a backward each), so its ratio measures the
+cost of the gradients, not overhead; CLiD's include its text-encoder passes and structural's its decodes.
 
     python benchmarks/attacks.py --n 256 --batch-size 64
 """
@@ -10,6 +12,7 @@ before it in the same process (goal >= 0.9: the attack's own arithmetic should b
 from __future__ import annotations
 
 import time
+import zlib
 
 import common
 import torch
@@ -24,7 +27,14 @@ SETTINGS = {
     "secmi_nn": {"t_sec": 150, "k": 10, "epochs": 3},
     "pia": {"timesteps": [200]},
     "pian": {"timesteps": [200]},
+    "quantile": {"t_sec": 150, "k": 10, "n_models": 10},
+    "clid_th": {},
+    "clid_vec": {},
+    "gsa1": {"n_timesteps": 10},
+    "gsa2": {"n_timesteps": 10},
+    "structural": {"timesteps": [100], "stride": 20},
 }
+FITTED = ("secmi_nn", "quantile", "clid_th", "clid_vec", "gsa1", "gsa2", "structural")  # calibrate before scoring
 
 
 def tiny_unet(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -74,17 +84,26 @@ def main() -> None:
     ac = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
     g = torch.Generator().manual_seed(0)
 
+    def encode_text(prompts) -> torch.Tensor:  # a stand-in text encoder: one seeded state per prompt
+        return torch.stack([torch.randn(8, 64, generator=torch.Generator().manual_seed(zlib.crc32(p.encode()))) for p in prompts]
+                           ).to(device)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:  # a stand-in decoder: 3 channels, upsampled x4
+        return latents[:, :3].repeat_interleave(4, -2).repeat_interleave(4, -1).clamp(-1, 1)
+
     def samples(n: int, prefix: str) -> EncodedSamples:
-        return EncodedSamples(torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 8, 64, generator=g),
-                              [f"{prefix}{i}" for i in range(n)]).to(device)
+        latents = torch.randn(n, 4, 8, 8, generator=g)
+        return EncodedSamples(latents, torch.randn(n, 8, 64, generator=g), [f"{prefix}{i}" for i in range(n)],
+                              captions=[f"{prefix} caption {i}" for i in range(n)], pixels=decode(latents)).to(device)
 
     data = samples(args.n, "q")
-    target = AttackTarget(UNetPredictor(unet), ac.to(device), device=device)
+    target = AttackTarget(UNetPredictor(unet), ac.to(device), device=device, encode_text=encode_text, decode=decode,
+                          unet=unet)
     print(f"device={device} dtype={args.dtype} n={args.n} batch_size={args.batch_size} threads={torch.get_num_threads()}")
     print(f"{'attack':<10} {'samples/s':>10} {'NFE/sample':>10} {'attack NFE/s':>13} {'UNet NFE/s':>11} {'ratio':>6}")
     for name in args.attacks.split(","):
         attack = ATTACKS.get(name)(**SETTINGS.get(name, {}))
-        if name == "secmi_nn":
+        if name in FITTED:
             attack.calibrate(target, samples(32, "cm"), samples(32, "cn"), batch_size=args.batch_size, progress=False)
         attack.score(target, data.subset(range(min(len(data), args.batch_size))), args.batch_size, progress=False)
         best_attack, best_raw = float("inf"), 0.0
