@@ -203,7 +203,7 @@ def evaluate(argv) -> dict:
     card_dir = lora_dir if run is not None and out.resolve() == run.resolve() else None
     report = evaluate_model(cfg=cfg, components=components, unet=components.unet, split=split, run_dir=out,
                             accelerator=accelerator, lora_dir=card_dir, privacy=privacy, command=command,
-                            evaluation_command=command_line(), **plan)
+                            evaluation_command=command_line(), shadow_run=run, **plan)
     return report
 
 

@@ -197,3 +197,40 @@ def test_every_attack_runs_on_a_real_run(evaluated_run, tmp_path):
     for name, attack in report["attacks"].items():
         assert 0.0 <= attack["metrics"]["auc"]["value"] <= 1.0 and attack["seconds"] >= 0, name
     assert "Wall time per attack" in (out / "report.md").read_text()
+
+
+def test_shadow_model_is_trained_once_on_disjoint_rows_and_fits_the_learned_attacks(evaluated_run, tmp_path):
+    """eval.shadow.enabled: the run's recipe is trained again in <run>/shadows/shadow-0 on rows disjoint from the
+    run's split (ids, groups, images); clid_vec~shadow is fitted there; a second evaluation reuses the shadow."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    args = [f"run={run}", "eval.shadow.enabled=true", "eval.attacks=[loss,clid_vec]", "eval.utility=false",
+            "eval.bootstrap=20", "eval.attack_params={loss: {timesteps: [100], draws: 1}, clid_vec: {timesteps: [450]}}"]
+    assert evaluate_main([*args, f"out={tmp_path / 'a'}"]) == 0
+    shadow = run / "shadows" / "shadow-0"
+    assert (shadow / "lora" / LORA_FILE).is_file() and not (shadow / "report.json").exists()
+    ours, theirs = (json.loads((d / "split.json").read_text()) for d in (run, shadow))
+    rows = [r for part in ("members", "nonmembers") for r in ours[part]]
+    shadow_rows = [r for part in ("members", "nonmembers") for r in theirs[part]]
+    for key in ("id", "group", "sha256"):
+        assert not {r[key] for r in rows} & {r[key] for r in shadow_rows}, key
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert set(report["attacks"]) == {"loss", "clid_vec", "clid_vec~shadow"}
+    assert report["attacks"]["clid_vec~shadow"]["params"]["fitted_on"].startswith("shadow model: shadows/shadow-0")
+    assert report["protocol"]["shadow"]["members"] == len(theirs["members"]) == len(ours["members"])
+    log = (run / "shadows" / "shadow-0.log").read_text()
+    assert evaluate_main([*args, f"out={tmp_path / 'b'}"]) == 0
+    assert (run / "shadows" / "shadow-0.log").read_text() == log  # reused, not trained again
+
+
+def test_data_exclude_leaves_out_every_row_of_a_split(evaluated_run):
+    from privtune.data.split import exclude_rows, load_manifest
+    from privtune.data.sources import Record
+
+    manifest = load_manifest(evaluated_run)
+    m = manifest["members"][0]
+    records = [Record(m["id"], "c", None, "g-new", "h-new"), Record("other", "c", None, m["group"], "h2"),
+               Record("other2", "c", None, "g3", m["sha256"]), Record("free", "c", None, "g4", "h4")]
+    assert [r.id for r in exclude_rows(records, manifest)] == ["free"]

@@ -132,6 +132,16 @@ def load_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def exclude_rows(records: list[Record], manifest: dict) -> list[Record]:
+    """`records` without any row of the manifest's split (members, non-members, auxiliary members): by id, by
+    group (near-duplicates stay out too) and by content hash, so data drawn from the rest is disjoint from it."""
+    rows = [*manifest.get("members", []), *manifest.get("nonmembers", []), *manifest.get("auxiliary_members", [])]
+    ids = {r["id"] for r in rows}
+    groups = {r["group"] for r in rows if r.get("group")}
+    hashes = {r["sha256"] for r in rows if r.get("sha256")}
+    return [r for r in records if r.id not in ids and r.group not in groups and r.sha256 not in hashes]
+
+
 def split_from_manifest(manifest: dict, records: list[Record]) -> Split:
     """Rebuild a Split from a manifest and the loaded source, checking every content hash."""
     by_id = {r.id: r for r in records}

@@ -143,6 +143,20 @@ class Release:
     deployed: bool = True
 
 
+@dataclass
+class ShadowData:
+    """A shadow model the attacker trained on data of the same source, disjoint from the target's split, with its
+    own members and non-members: learned attacks fit on it (`<attack>~shadow`) instead of the target's calibration."""
+
+    target: AttackTarget
+    members: EncodedSamples
+    nonmembers: EncodedSamples
+    description: str = ""
+
+
+SHADOW_SUFFIX = "~shadow"
+
+
 def orientation(cal_scores, cal_labels) -> dict[str, Any]:
     """The score direction an attacker fits on labelled calibration data: +1 keeps the spec's
     "higher = member", -1 flips it when members score lower there (a tie keeps the spec's)."""
@@ -189,25 +203,39 @@ def combination_name(parts: Sequence[str]) -> str:
 
 def _attack_release(name: str, attack: Attack, release: Release, split: CalibrationSplit, cal_ids: set,
                     report: EncodedSamples, report_labels: np.ndarray, batch_size: int, n_bootstrap: int,
-                    seed: int, progress: bool) -> dict[str, Any]:
+                    seed: int, progress: bool, shadow: ShadowData | None = None) -> dict[str, Any]:
+    """One attack on one release. With `shadow`, the attack's learned parts are fitted on the shadow model and its
+    data only; the target's calibration split then fits just the direction and threshold, as for every attack."""
     start = time.perf_counter()
     target = release.target
+    cal_samples = EncodedSamples.concat([split.calibration_members, split.calibration_nonmembers])
+    cal_labels = member_labels(len(split.calibration_members), len(split.calibration_nonmembers))
+    cal = None
+    if shadow is not None:
+        attack.calibrate(shadow.target, shadow.members, shadow.nonmembers, batch_size=batch_size, progress=progress)
+        shadow_ids = set(shadow.members.ids) | set(shadow.nonmembers.ids)
+        if not set(getattr(attack, "fit_ids", [])) <= shadow_ids:
+            raise DataError(f"attack {name!r} fitted on samples outside the shadow model's data")
     with release.context():
-        cal = attack.calibrate(target, split.calibration_members, split.calibration_nonmembers,
-                               batch_size=batch_size, progress=progress)
+        if shadow is None:
+            cal = attack.calibrate(target, split.calibration_members, split.calibration_nonmembers,
+                                   batch_size=batch_size, progress=progress)
         if cal is None:
-            cal_samples = EncodedSamples.concat([split.calibration_members, split.calibration_nonmembers])
             cal = attack.score(target, cal_samples, batch_size=batch_size, progress=progress)
-            cal.labels = member_labels(len(split.calibration_members), len(split.calibration_nonmembers))
-        fitted = set(getattr(attack, "fit_ids", [])) | set(cal.ids)
+            cal.labels = cal_labels
+        fitted = set(cal.ids) | (set() if shadow is not None else set(getattr(attack, "fit_ids", [])))
         if not fitted <= cal_ids:
             raise DataError(f"attack {name!r} fitted on samples outside the calibration split")
         rep = attack.score(target, report, batch_size=batch_size, progress=progress)
     entry = score_entry(cal.scores, cal.labels, rep.scores, report_labels, n_bootstrap, seed)
     sign = entry["orientation"]["sign"]
     entry["orientation"]["note"] = inversion_note(attack) if sign < 0 else ""
+    params = attack.params()
+    if shadow is not None:
+        params["fitted_on"] = f"shadow model{': ' + shadow.description if shadow.description else ''}"
+        params["n_shadow"] = {"members": len(shadow.members), "nonmembers": len(shadow.nonmembers)}
     return {
-        "attack": name, "release": release.name, "params": attack.params(),
+        "attack": name + (SHADOW_SUFFIX if shadow is not None else ""), "release": release.name, "params": params,
         "nfe_per_sample": rep.nfe_per_sample, "calibration_nfe_per_sample": cal.nfe_per_sample, **entry,
         "samples": _samples_dict(rep.ids, report_labels, sign * np.asarray(rep.scores), rep.raw),
         "calibration_samples": _samples_dict(cal.ids, cal.labels, cal.scores),
@@ -273,6 +301,7 @@ def run_release_attacks(
     progress: bool = True,
     split: CalibrationSplit | None = None,
     threat_model: str | None = None,
+    shadow: ShadowData | None = None,
 ) -> dict[str, Any]:
     """Every attack on every release (a fresh attack object each, calibrated on that release), plus
     the per-sample best of each release combination in `combinations`; returns a JSON-able dict.
@@ -307,6 +336,12 @@ def run_release_attacks(
         split = split_calibration(members, nonmembers, calibration_fraction, seed)
     check_disjoint(split)
     cal_ids = set(split.calibration_members.ids) | set(split.calibration_nonmembers.ids)
+    if shadow is not None:
+        shared = (set(shadow.members.ids) | set(shadow.nonmembers.ids)) & (
+            cal_ids | set(split.report_members.ids) | set(split.report_nonmembers.ids))
+        if shared:
+            raise DataError(f"{len(shared)} shadow-model samples are also target samples, e.g. {sorted(shared)[:3]}; a shadow "
+                            "model must be trained and fitted on data disjoint from the target's split")
     report = EncodedSamples.concat([split.report_members, split.report_nonmembers])
     report_labels = member_labels(len(split.report_members), len(split.report_nonmembers))
     single = len(releases) == 1 and not combinations
@@ -320,6 +355,11 @@ def run_release_attacks(
                                     batch_size, n_bootstrap, seed, progress)
             by_release[release.name][name] = entry
             results[entry_name(name, release.name, single)] = entry
+            if shadow is not None and ATTACKS.get(name).learned:
+                fresh = build_attack(name, attack_params.get(name), seed)
+                entry = _attack_release(name, fresh, release, split, cal_ids, report, report_labels,
+                                        batch_size, n_bootstrap, seed, progress, shadow=shadow)
+                results[entry_name(name + SHADOW_SUFFIX, release.name, single)] = entry
     for combo in combinations:
         for name in attack_names:
             entry = combine_best([by_release[r][name] for r in combo], n_bootstrap, seed)
@@ -337,6 +377,10 @@ def run_release_attacks(
             "combinations": [combination_name(c) for c in combinations],
             "threat_model": threat_model,
             "attacks_skipped": skipped,
+            "shadow": None if shadow is None else {
+                "description": shadow.description, "members": len(shadow.members), "nonmembers": len(shadow.nonmembers),
+                "fits": "the learned parts of the <attack>~shadow entries; their direction and threshold still come "
+                        "from the target's calibration half"},
         },
         "attacks": results,
     }
@@ -354,8 +398,9 @@ def run_attacks(
     n_bootstrap: int = 1000,
     progress: bool = True,
     split: CalibrationSplit | None = None,
+    shadow: ShadowData | None = None,
 ) -> dict[str, Any]:
     """`run_release_attacks` on one target (entries named by attack)."""
     return run_release_attacks([Release("model", target)], members, nonmembers, attack_names, attack_params,
                                calibration_fraction=calibration_fraction, seed=seed, batch_size=batch_size,
-                               n_bootstrap=n_bootstrap, progress=progress, split=split)
+                               n_bootstrap=n_bootstrap, progress=progress, split=split, shadow=shadow)

@@ -22,7 +22,8 @@ from .attacks import ATTACKS, AttackTarget
 from .distributed import sharded
 from .encode import LATENT_CHOICE, decoder_fn, empty_prompt_state, encode_records, text_encoder_fn
 from .primitives import UNetPredictor
-from .runner import Release, run_release_attacks
+from .runner import Release, ShadowData, run_release_attacks
+from .shadow import SHADOWS
 from .utility import compute_utility
 from ..rng import numpy_rng
 
@@ -127,34 +128,32 @@ SINGLE_THREAT = ("white-box over the released file: the attacker holds the LoRA 
 def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=None, lora_dir: Path | None = None,
                    privacy: dict | None = None, command: str | None = None, write: bool = True,
                    releases: list[Release] | None = None, combinations=(), threat_model: str | None = None,
-                   evaluation_command: str | None = None) -> dict:
+                   evaluation_command: str | None = None, shadow_run: Path | None = None) -> dict:
     """Attack `unet` (base + LoRA, eval mode) on the split; returns the report dict (written when `write`).
 
     `releases` are what the run ships (default: the one LoRA): each is attacked in its own `context`,
     plus the per-sample best of each of `combinations`; utility and memorization are measured on the
-    `deployed` release. The report's best attack is the strongest over all of them."""
+    `deployed` release. The report's best attack is the strongest over all of them. With eval.shadow.enabled the
+    shadow model cached in `shadow_run` (default `run_dir`) is trained first if needed (privtune.eval.shadow)."""
     ev = cfg.eval
     names = check_attacks(ev.attacks)
     is_main = accelerator is None or accelerator.is_main_process
     device = next(unet.parameters()).device
     was_training = unet.training
     unet.eval()
-    uncond = empty_prompt_state(components, device) if float(ev.guidance_scale) != 1.0 else None
-    predictor = UNetPredictor(unet, guidance_scale=float(ev.guidance_scale), uncond=uncond)
-    alphas = components.noise_scheduler.alphas_cumprod.to(torch.float64)
-    target = AttackTarget(predictor, alphas, uncond=empty_prompt_state(components, device), token_lengths=token_lengths(
-        components.tokenizer, split.members + split.nonmembers), encode_text=text_encoder_fn(components, device),
-        decode=decoder_fn(components), unet=unet)
+    target = attack_target(components, unet, ev, split.members + split.nonmembers, device)
+    predictor, alphas = target.predictor, target.alphas_cumprod
     member_records = attacked_members(split.members, ev.get("max_members"), int(cfg.seed))
     members = encode_records(components, member_records, cfg.data.resolution, device)
     nonmembers = encode_records(components, split.nonmembers, cfg.data.resolution, device)
     releases = [replace(r, target=target) for r in (releases or [SINGLE_RELEASE])]
     deployed = next((r for r in releases if r.deployed), releases[0])
+    shadow = shadow_data(cfg, shadow_run or run_dir, device, accelerator) if ev.shadow.enabled else None
     with sharded(accelerator):
         result = run_release_attacks(releases, members, nonmembers, names, to_container(ev.attack_params),
                                      combinations=combinations, calibration_fraction=float(ev.calibration_fraction),
                                      seed=int(cfg.seed), batch_size=int(ev.batch_size), n_bootstrap=int(ev.bootstrap),
-                                     progress=is_main, threat_model=threat_model or SINGLE_THREAT)
+                                     progress=is_main, threat_model=threat_model or SINGLE_THREAT, shadow=shadow)
     result["protocol"]["deployed"] = deployed.name
     result["protocol"]["members_attacked"] = {"attacked": len(member_records), "of": len(split.members),
                                               "choice": "all" if len(member_records) == len(split.members)
@@ -169,6 +168,45 @@ def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=N
     if was_training:
         unet.train()
     return report
+
+
+def attack_target(components, unet, ev, records, device) -> AttackTarget:
+    """What the attacks query: the UNet's noise predictions (with eval.guidance_scale), the scheduler's ᾱ_t, the
+    empty-prompt state, the text encoder, the VAE decoder and the UNet itself (for gradient attacks)."""
+    uncond = empty_prompt_state(components, device)
+    predictor = UNetPredictor(unet, guidance_scale=float(ev.guidance_scale),
+                              uncond=uncond if float(ev.guidance_scale) != 1.0 else None)
+    return AttackTarget(predictor, components.noise_scheduler.alphas_cumprod.to(torch.float64), uncond=uncond,
+                        token_lengths=token_lengths(components.tokenizer, records),
+                        encode_text=text_encoder_fn(components, device), decode=decoder_fn(components), unet=unet)
+
+
+def shadow_data(cfg, run_dir: Path, device, accelerator=None) -> ShadowData:
+    """The shadow model (trained first when missing, on the main process) as a target, with its own members and
+    non-members encoded like the target's."""
+    from ..data.sources import load_source
+    from ..data.split import load_manifest, split_from_manifest
+    from ..models.loading import freeze, load_components
+    from ..models.lora import load_lora
+    from .shadow import ensure_shadow, shadow_folder
+
+    if accelerator is None or accelerator.is_main_process:
+        ensure_shadow(cfg, run_dir, progress=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    folder = shadow_folder(run_dir)
+    components = load_components(cfg.model)
+    freeze(components.vae, components.text_encoder, components.unet)
+    load_lora(components, folder / "lora")
+    for m in (components.vae, components.text_encoder, components.unet):
+        m.to(device)
+    components.unet.eval()
+    split = split_from_manifest(load_manifest(folder), load_source(cfg.data).records)
+    target = attack_target(components, components.unet, cfg.eval, split.members + split.nonmembers, device)
+    members = encode_records(components, split.members, cfg.data.resolution, device)
+    nonmembers = encode_records(components, split.nonmembers, cfg.data.resolution, device)
+    return ShadowData(target, members, nonmembers, description=f"{SHADOWS}/{folder.name} (seed {cfg.eval.shadow.seed}, "
+                      f"{len(split.members)} members, rows disjoint from the target's split)")
 
 
 def _deployed_sections(cfg, components, unet, predictor, alphas, members, nonmembers, split, result, privacy,

@@ -36,6 +36,16 @@ class Extraction(Section):
 
 
 @dataclass
+class Shadow(Section):
+    enabled: bool = option(False, "also fit the attacks' learned parts on a shadow model (the target's recipe trained on "
+                                  "rows disjoint from its split, cached in <run>/shadows/); entries named <attack>~shadow")
+    seed: int = option(1000, "the shadow run's seed (a public one: a shadow guards no secret)")
+
+    def check(self) -> None:
+        self.at_least(0, "seed")
+
+
+@dataclass
 class Eval(Section):
     enabled: bool = option(True, "attack the trained model at the end of the run")
     attacks: List[str] = option(["loss", "secmi", "pia"], "attacks run, any of: loss, secmi, secmi_nn, pia, pian, quantile, "
@@ -58,6 +68,7 @@ class Eval(Section):
     baseline: Optional[str] = option(None, "run folder of the undefended baseline (same data) for the card's comparison")
     license: str = option("other", "license field of the exported model card")
     extraction: Extraction = section(Extraction, "Carlini et al. generate-and-filter extraction (spec attacks 9.1)")
+    shadow: Shadow = section(Shadow, "a shadow model for the attacks' learned parts (classifiers, regressors, scalers)")
 
     def check(self) -> None:
         self.require(self.max_members is None or self.max_members >= 2, "max_members",

@@ -48,6 +48,8 @@ class Data(Section):
                                 choices=("error", "skip"))
     members: int = option(128, "fine-tuning set size (the rows the attacks try to recognise)")
     nonmembers: int = option(256, "held-out set size from the same pool, for the attacks (half calibrate, half report)")
+    exclude: Optional[str] = option(None, "a run folder or split.json whose rows (members, non-members, auxiliary, their "
+                                          "groups and identical images) are left out before the split (shadow models use it)")
     auxiliary_members: int = option(0, "extra training rows from outside the evaluation split, trained on and never attacked "
                                        "(MP/SMP-LoRA's proxy members; set the same on a LoRA baseline for the same rows)")
     resolution: int = option(32, "training image size in pixels")

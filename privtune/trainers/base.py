@@ -14,13 +14,14 @@ step strategy overrides `optimizer_step` and still updates through `steps.apply_
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..data.augment import build_augmentation
 from ..data.sources import load_source
-from ..data.split import Split, fingerprint, load_manifest, make_split, save_manifest, split_from_manifest
+from ..data.split import Split, exclude_rows, fingerprint, load_manifest, make_split, save_manifest, split_from_manifest
 from ..data.stage import DataStage
 from ..errors import ConfigError
 from ..losses import denoising_loss
@@ -125,6 +126,11 @@ class Trainer:
         cfg = self.cfg
         self.data_stage = DataStage(cfg)
         self.source = source = self.data_stage.before_split(load_source(cfg.data))  # dedup before any split
+        if cfg.data.exclude:
+            kept = exclude_rows(source.records, load_manifest(cfg.data.exclude))
+            if self.is_main:
+                print(f"privtune: data.exclude: {len(source.records) - len(kept)} rows of {cfg.data.exclude} left out")
+            self.source = source = replace(source, records=kept)
         manifest_path = self.run_dir / "split.json"
         self.resumed_split = cfg.resume is not None and manifest_path.exists()
         if self.resumed_split:

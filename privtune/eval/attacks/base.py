@@ -209,6 +209,7 @@ class Attack:
     statistic = ""         # what `raw` measures, for the report's inversion note ("t-error")
     members_lower = False  # the spec expects members to have the smaller `raw` (score = -raw)
     requires: tuple[str, ...] = ()  # keys of REQUIREMENTS beyond noise predictions (see missing_requirements)
+    learned = False  # fits a model (classifier, regressor, scaler) in `calibrate`: a shadow model can fit it instead
 
     def __init__(self, seed: int = 0):
         self.seed = int(seed)

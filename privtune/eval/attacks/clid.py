@@ -51,6 +51,7 @@ class _CLiD(Attack):
     """Shared feature extraction: per sample [L(c), D_1, …, D_K]."""
 
     requires = ("captions",)
+    learned = True
 
     def __init__(self, timesteps: Sequence[int] = CROP_TIMESTEPS, seed: int = 0):
         super().__init__(seed)

@@ -159,6 +159,7 @@ def per_sample_gradients(unet: nn.Module, params: list[nn.Parameter]) -> Iterato
 @ATTACKS.register("gsa1")
 class GSA1(Attack):
     name = "gsa1"
+    learned = True
     statistic, members_lower = "classifier logit", False
     requires = ("white_box",)
     per_timestep = False  # GSA2: norms of each timestep's gradient, averaged

@@ -174,6 +174,7 @@ def rule_fprs(quantiles: np.ndarray, stats: np.ndarray) -> dict[str, float]:
 @ATTACKS.register("quantile")
 class QuantileRegression(Attack):
     name = "quantile"
+    learned = True
     statistic, members_lower = "log t-error", True
 
     def __init__(

@@ -79,6 +79,7 @@ class _MapClassifier(nn.Module):
 @ATTACKS.register("secmi_nn")
 class SecMINN(SecMI):
     name = "secmi_nn"
+    learned = True
     statistic, members_lower = "classifier logit", False
 
     def __init__(
