@@ -82,3 +82,63 @@ def test_generalizing_oracle_is_chance(name, alphas_cumprod):
     target = full_target(GaussianOracle(0.0, 1.0, alphas_cumprod), alphas_cumprod, encode)
     res, y = calibrated_auc(name, target, members, nonmembers, 32)
     assert abs(auc(res.scores, y) - 0.5) <= 0.2, f"{name} separates two samples of one population"
+
+
+LEARNED = sorted(n for n in ORACLE_TABLE if ATTACKS.get(n).learned)
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_learned_parts_never_see_a_report_sample(name, alphas_cumprod, monkeypatch):
+    """Through the runner, an attack's learned part is fitted on calibration samples only (what `calibrate` is given
+    and what it says it fitted on), never on the report half."""
+    from privtune.eval import runner
+
+    encode = TextEncoder()
+    members, nonmembers = dataset(16, "m", 1, encode), dataset(16, "n", 2, encode)
+    target = full_target(MemorizingOracle(members.latents, alphas_cumprod, conds=members.cond), alphas_cumprod, encode)
+    seen, built = [], []
+    real_build = runner.build_attack
+
+    def spy(*args, **kwargs):
+        attack = real_build(*args, **kwargs)
+        calibrate = attack.calibrate
+
+        def recording(tg, m, n, **kw):
+            seen.extend(m.ids + n.ids)
+            return calibrate(tg, m, n, **kw)
+
+        attack.calibrate = recording
+        built.append(attack)
+        return attack
+
+    monkeypatch.setattr(runner, "build_attack", spy)
+    out = runner.run_attacks(target, members, nonmembers, [name], {name: ORACLE_TABLE[name][0]}, batch_size=16,
+                             n_bootstrap=20, progress=False)
+    report = set(out["attacks"][name]["samples"]["ids"])
+    assert seen and not set(seen) & report
+    assert set(built[-1].fit_ids) and set(built[-1].fit_ids) <= set(seen)
+
+
+def test_runner_refuses_an_attack_that_fitted_on_a_report_sample(alphas_cumprod, members, nonmembers, monkeypatch):
+    from privtune.errors import DataError
+    from privtune.eval import runner
+
+    real_build = runner.build_attack
+
+    def leaky(*args, **kwargs):
+        attack = real_build(*args, **kwargs)
+        calibrate = attack.calibrate
+
+        def peeking(tg, m, n, **kw):
+            out = calibrate(tg, m, n, **kw)
+            attack.fit_ids = [*m.ids, *(i for i in members.ids if i not in m.ids)]  # one look at the report half
+            return out
+
+        attack.calibrate = peeking
+        return attack
+
+    monkeypatch.setattr(runner, "build_attack", leaky)
+    target = AttackTarget(MemorizingOracle(members.latents, alphas_cumprod), alphas_cumprod)
+    with pytest.raises(DataError, match="fitted on samples outside the calibration split"):
+        runner.run_attacks(target, members, nonmembers, ["secmi_nn"], {"secmi_nn": {"t_sec": 60, "k": 20, "epochs": 2}},
+                           progress=False)
