@@ -168,6 +168,21 @@ def map_batches(
     return {k: np.concatenate(v) for k, v in outs.items()}, counter.per_sample(len(samples))
 
 
+def stratified_holdout(labels: np.ndarray, fraction: float, rng: np.random.Generator, who: str) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) indices: a seeded `fraction` of each class held out, so a learned part is selected or scored
+    on calibration samples it was not fitted on; DataError when a class is too small to split."""
+    fit, held = [], []
+    for cls in (1, 0):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        n_held = int(round(fraction * len(idx)))
+        if n_held < 1 or n_held >= len(idx):
+            raise DataError(f"{who} needs enough calibration members and non-members to hold out {fraction:g} of each "
+                            "and fit on the rest (at least 2 of each)")
+        held.append(idx[:n_held])
+        fit.append(idx[n_held:])
+    return np.concatenate(fit), np.concatenate(held)
+
+
 def best_by_auc(candidates: dict[Any, np.ndarray], labels: np.ndarray) -> tuple[Any, dict[str, float]]:
     """The candidate whose higher-is-member scores have the largest AUC (first one on ties)."""
     from ..metrics import auc

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...errors import ConfigError, DataError
+from ...errors import ConfigError
 from ..primitives import seeded_noise, single_step_loss
-from .base import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples, best_by_auc, map_batches, member_labels
+from .base import (ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples, best_by_auc, map_batches, member_labels,
+                   stratified_holdout)
 
 CROP_TIMESTEPS = (485, 495, 505)
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -159,16 +160,7 @@ class CLiDVector(_CLiD):
         cal = EncodedSamples.concat([members, nonmembers])
         labels = member_labels(len(members), len(nonmembers))
         feats, nfe = self.features(target, cal, batch_size, progress, "clid_vec/features")
-        rng = numpy_rng(self.seed, "clid_vec", "holdout")
-        fit, val = [], []
-        for cls in (1, 0):
-            idx = rng.permutation(np.flatnonzero(labels == cls))
-            n_val = int(round(self.val_fraction * len(idx)))
-            if n_val < 1 or n_val >= len(idx):
-                raise DataError("clid_vec needs at least 2 calibration members and 2 non-members")
-            val.append(idx[:n_val])
-            fit.append(idx[n_val:])
-        fit, val = np.concatenate(fit), np.concatenate(val)
+        fit, val = stratified_holdout(labels, self.val_fraction, numpy_rng(self.seed, "clid_vec", "holdout"), "clid_vec")
         # scikit-learn's default leaf size (20) allows no split at all on a small calibration split
         self.min_samples_leaf = int(min(20, max(2, len(fit) // 8)))
         self.model = HistGradientBoostingClassifier(max_iter=self.max_iter, max_depth=self.max_depth,

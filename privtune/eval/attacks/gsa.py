@@ -55,9 +55,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ...errors import ConfigError, DataError
+from ...errors import ConfigError
 from ..primitives import add_noise, seeded_noise
-from .base import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples, map_batches, member_labels
+from .base import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples, map_batches, member_labels, stratified_holdout
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample")
 OPACUS_MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad", "autograd_grad_sample_hooks")
@@ -253,17 +253,7 @@ class GSA1(Attack):
         cal = EncodedSamples.concat([members, nonmembers])
         labels = member_labels(len(members), len(nonmembers))
         norms = self.features(target, cal, batch_size, progress)
-        rng = np.random.default_rng(self.seed)
-        fit_idx, val_idx = [], []
-        for cls in (1, 0):
-            idx = rng.permutation(np.flatnonzero(labels == cls))
-            n_val = int(round(self.val_fraction * len(idx)))
-            if n_val < 1 or n_val >= len(idx):
-                raise DataError(f"{self.name} needs enough calibration members and non-members to hold out "
-                                f"val_fraction={self.val_fraction} of each and fit on the rest")
-            val_idx.append(idx[:n_val])
-            fit_idx.append(idx[n_val:])
-        fit_idx, val_idx = np.concatenate(fit_idx), np.concatenate(val_idx)
+        fit_idx, val_idx = stratified_holdout(labels, self.val_fraction, np.random.default_rng(self.seed), self.name)
         self.fit_ids = [cal.ids[i] for i in fit_idx]
         self.val_ids = [cal.ids[i] for i in val_idx]
         logs = np.log(np.maximum(norms[fit_idx], 1e-30))

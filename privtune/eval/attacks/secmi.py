@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ...errors import ConfigError, DataError
+from ...errors import ConfigError
 from ..primitives import ddim_trajectory, ddim_transfer
-from .base import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples, map_batches, member_labels
+from .base import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples, map_batches, member_labels, stratified_holdout
 
 
 @ATTACKS.register("secmi")
@@ -108,16 +108,7 @@ class SecMINN(SecMI):
         out, nfe = map_batches(
             target, cal, lambda tg, b: {"map": self.error_map(tg, b)}, batch_size, progress, "secmi_nn/maps"
         )
-        rng = np.random.default_rng(self.seed)
-        train_idx, val_idx = [], []
-        for cls in (1, 0):
-            idx = rng.permutation(np.flatnonzero(labels == cls))
-            n_val = int(round(self.val_fraction * len(idx)))
-            if n_val < 1 or n_val >= len(idx):
-                raise DataError("secmi_nn needs at least 2 calibration members and 2 non-members")
-            val_idx.append(idx[:n_val])
-            train_idx.append(idx[n_val:])
-        train_idx, val_idx = np.concatenate(train_idx), np.concatenate(val_idx)
+        train_idx, val_idx = stratified_holdout(labels, self.val_fraction, np.random.default_rng(self.seed), "secmi_nn")
         self.fit_ids = [cal.ids[i] for i in train_idx]
         self.val_ids = [cal.ids[i] for i in val_idx]
 
