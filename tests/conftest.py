@@ -14,7 +14,9 @@ from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2`: the workers share the cores, one thread each (subprocesses too)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,9 +97,14 @@ def launch_two_processes(module: str, args: list[str], timeout: int = 900) -> su
     accelerate's `launch --cpu --num_processes 2` starts ONE process (its multi-CPU path needs mpirun);
     `--multi_gpu` with ACCELERATE_USE_CPU=true goes through torchrun and gives two CPU processes.
     """
+    import socket
+
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # a free rendezvous port: launches of parallel test workers must not share one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *args]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", module, *args]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
