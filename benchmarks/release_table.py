@@ -1,5 +1,6 @@
 """Per attack and released model: the spec-direction AUC, the oriented AUC (direction fitted on the
-calibration half) with its CI, TPR@1%FPR, and the card's best attack, from finished runs' report.json.
+calibration half) with its CI, TPR@1%FPR, NFE per sample, wall time (calibration + report scoring), and
+the card's best attack, from finished runs' report.json.
 
     python benchmarks/release_table.py LoRA=/work/evidence/lora-s0 DualMD=/work/evidence/dualmd-s0
 
@@ -31,11 +32,14 @@ def main(argv: list[str]) -> int:
                 spec = (a.get("metrics_spec") or a["metrics"])["auc"]["value"]
                 inverted = (a.get("orientation") or {}).get("inverted", False)
                 rows.append([name, entry, a.get("release", "-"), f"{spec:.3f}", fmt_ci(a["metrics"]["auc"]),
-                             "yes" if inverted else "no", fmt_ci(a["metrics"]["tpr@1%fpr"])])
+                             "yes" if inverted else "no", fmt_ci(a["metrics"]["tpr@1%fpr"]),
+                             f"{a['nfe_per_sample']:g}" if "nfe_per_sample" in a else "-",
+                             f"{a['seconds']:.0f}" if "seconds" in a else "-"])
             b = report["summary"]["best_attack"]
             best.append(f"- {name}: best attack **{b['name']}** AUC {fmt_ci(b['auc'])}, TPR@1%FPR {fmt_ci(b['tpr@1%fpr'])}"
                         + (f"; privacy {report['privacy'].get('epsilon'):.3f}-DP" if report.get("privacy") else ""))
-    cols = ["run", "attack entry", "release", "spec-direction AUC", "oriented AUC [95% CI]", "inverted", "TPR@1%FPR [95% CI]"]
+    cols = ["run", "attack entry", "release", "spec-direction AUC", "oriented AUC [95% CI]", "inverted", "TPR@1%FPR [95% CI]",
+            "NFE/sample", "seconds"]
     print_markdown_table(cols, rows)
     print()
     print("\n".join(best))
