@@ -37,7 +37,8 @@ def main(argv: list[str]) -> int:
                              f"{a['seconds']:.0f}" if "seconds" in a else "-"])
             b = report["summary"]["best_attack"]
             best.append(f"- {name}: best attack **{b['name']}** AUC {fmt_ci(b['auc'])}, TPR@1%FPR {fmt_ci(b['tpr@1%fpr'])}"
-                        + (f"; privacy {report['privacy'].get('epsilon'):.3f}-DP" if report.get("privacy") else ""))
+                        + (f"; privacy {eps:.3f}-DP" if isinstance(eps := (report.get("privacy") or {}).get("epsilon"),
+                                                                          (int, float)) else ""))
     cols = ["run", "attack entry", "release", "spec-direction AUC", "oriented AUC [95% CI]", "inverted", "TPR@1%FPR [95% CI]",
             "NFE/sample", "seconds"]
     print_markdown_table(cols, rows)
