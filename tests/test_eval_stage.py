@@ -234,3 +234,18 @@ def test_data_exclude_leaves_out_every_row_of_a_split(evaluated_run):
     records = [Record(m["id"], "c", None, "g-new", "h-new"), Record("other", "c", None, m["group"], "h2"),
                Record("other2", "c", None, "g3", m["sha256"]), Record("free", "c", None, "g4", "h4")]
     assert [r.id for r in exclude_rows(records, manifest)] == ["free"]
+
+
+def test_shadow_recipe_is_the_targets_own_and_multi_adapter_trainers_are_refused(tmp_path):
+    from privtune.config import load_config
+    from privtune.errors import ConfigError
+    from privtune.eval.shadow import shadow_config
+
+    cfg = load_config("smp_lora", ["seed=3", "mp.lambda=0.7"])
+    shadow = shadow_config(cfg, tmp_path / "run")
+    assert shadow["trainer"] == "smp_lora" and shadow["mp"]["lambda"] == 0.7 and shadow["seed"] == 1000
+    assert shadow["data"]["exclude"] == str(tmp_path / "run") and shadow["eval"]["enabled"] is False
+    assert shadow["output_dir"] == str(tmp_path / "run" / "shadows" / "shadow-0")
+    for name in ("dualmd", "distillmd"):
+        with pytest.raises(ConfigError, match="not supported yet"):
+            shadow_config(load_config(name), tmp_path / "run")
