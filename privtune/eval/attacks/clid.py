@@ -20,7 +20,8 @@ whose method the code does not document, so it is not offered.
 The paper fits the scaler, α and the classifier on a shadow model; here they are fitted on the
 target's own calibration split (labelled members and non-members of the released model), which
 gives the attacker more than a shadow model does (privtune reports the stronger attacker), and never
-on report samples. clid_vec holds out part of the calibration split to return unbiased scores for the
+on report samples; with eval.shadow.enabled the runner also fits a copy on a shadow model (`clid_th~shadow`,
+the paper's setting). clid_vec holds out part of the calibration split to return unbiased scores for the
 runner's threshold fit. NFE: M·(1 + K) per sample (15 by default), plus K text-encoder passes.
 """
 

@@ -25,9 +25,10 @@ Deviations from the paper and its code:
   XGBoost n_estimators = 200), the gradient-boosting implementation of this project's dependencies;
   `min_samples_leaf` defaults to n_fit // 10 clipped to [1, 20] (sklearn's 20 forbids any split on a
   calibration split of tens of samples).
-* No shadow models (a future extension): the classifier is fitted on the target's own calibration
-  split (members and non-members of known membership), a stronger attacker than one holding only
-  shadow models. A seeded `val_fraction` of each class is held out of the fit and its scores are
+* The classifier is fitted on the target's own calibration split (members and non-members of known
+  membership), a stronger attacker than one holding only shadow models; with eval.shadow.enabled the
+  runner also fits a copy on a shadow model's members and non-members (`gsa1~shadow`, the paper's setting).
+  A seeded `val_fraction` of each class is held out of the fit and its scores are
   returned for the runner's threshold and orientation fit, so no sample is scored by a classifier
   that saw it (the CopyMark pitfall of §14); `fit_ids` / `val_ids` list the two parts.
 * The K noisy copies run as K batched forward + backward passes of B rows (one per timestep), not as
@@ -289,7 +290,7 @@ class GSA1(Attack):
             "backward_per_sample": k if self.per_timestep else 1, "backward_rows_per_sample": k,
             "classifier": "sklearn HistGradientBoostingClassifier", "max_iter": self.max_iter,
             "learning_rate": self.learning_rate, "min_samples_leaf": self._leaf or self.min_samples_leaf,
-            "fitted_on": "target calibration split (no shadow models)", "val_fraction": self.val_fraction,
+            "fitted_on": "the target's calibration split", "val_fraction": self.val_fraction,
             "max_batch_size": self.max_batch_size,
             "val_auc": self.val_auc, "n_fit": len(self.fit_ids), "n_val": len(self.val_ids), "seed": self.seed,
         }
