@@ -199,30 +199,45 @@ def test_every_attack_runs_on_a_real_run(evaluated_run, tmp_path):
     assert "Wall time per attack" in (out / "report.md").read_text()
 
 
-def test_shadow_model_is_trained_once_on_disjoint_rows_and_fits_the_learned_attacks(evaluated_run, tmp_path):
-    """eval.shadow.enabled: the run's recipe is trained again in <run>/shadows/shadow-0 on rows disjoint from the
-    run's split (ids, groups, images); clid_vec~shadow is fitted there; a second evaluation reuses the shadow."""
+def test_shadow_models_are_trained_once_on_disjoint_rows_and_pooled_for_the_learned_attacks(evaluated_run, tmp_path,
+                                                                                         capsys):
+    """eval.shadow.count=2: the run's recipe is trained again in <run>/shadows/shadow-0 and shadow-1 (seeds 1000 and
+    1001, their own splits) on rows disjoint from the run's split (ids, groups, images); clid_vec~shadow and
+    gsa1~shadow are fitted once on both shadows' samples; a second evaluation reuses both shadows, and one whose shadow
+    recipe differs from a cached shadow's is refused."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(evaluated_run, run)
-    args = [f"run={run}", "eval.shadow.enabled=true", "eval.attacks=[loss,clid_vec]", "eval.utility=false",
-            "eval.bootstrap=20", "eval.attack_params={loss: {timesteps: [100], draws: 1}, clid_vec: {timesteps: [450]}}"]
+    args = [f"run={run}", "eval.shadow.enabled=true", "eval.shadow.count=2", "eval.attacks=[loss,clid_vec,gsa1]",
+            "eval.utility=false", "eval.bootstrap=20",
+            "eval.attack_params={loss: {timesteps: [100], draws: 1}, clid_vec: {timesteps: [450]}, gsa1: {n_timesteps: 2}}"]
     assert evaluate_main([*args, f"out={tmp_path / 'a'}"]) == 0
-    shadow = run / "shadows" / "shadow-0"
-    assert (shadow / "lora" / LORA_FILE).is_file() and not (shadow / "report.json").exists()
-    ours, theirs = (json.loads((d / "split.json").read_text()) for d in (run, shadow))
+    ours = json.loads((run / "split.json").read_text())
     rows = [r for part in ("members", "nonmembers") for r in ours[part]]
-    shadow_rows = [r for part in ("members", "nonmembers") for r in theirs[part]]
-    for key in ("id", "group", "sha256"):
-        assert not {r[key] for r in rows} & {r[key] for r in shadow_rows}, key
+    theirs = []
+    for i in (0, 1):
+        shadow = run / "shadows" / f"shadow-{i}"
+        assert (shadow / "lora" / LORA_FILE).is_file() and not (shadow / "report.json").exists()
+        theirs.append(json.loads((shadow / "split.json").read_text()))
+        shadow_rows = [r for part in ("members", "nonmembers") for r in theirs[-1][part]]
+        for key in ("id", "group", "sha256"):
+            assert not {r[key] for r in rows} & {r[key] for r in shadow_rows}, key
+    assert {r["id"] for r in theirs[0]["members"]} != {r["id"] for r in theirs[1]["members"]}  # their own seeds
     report = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert set(report["attacks"]) == {"loss", "clid_vec", "clid_vec~shadow"}
-    assert report["attacks"]["clid_vec~shadow"]["params"]["fitted_on"].startswith("shadow model: shadows/shadow-0")
-    assert report["protocol"]["shadow"]["members"] == len(theirs["members"]) == len(ours["members"])
-    log = (run / "shadows" / "shadow-0.log").read_text()
+    assert set(report["attacks"]) == {"loss", "clid_vec", "clid_vec~shadow", "gsa1", "gsa1~shadow"}
+    entry = report["attacks"]["gsa1~shadow"]["params"]
+    assert entry["fitted_on"].startswith("shadow model: shadows/shadow-0..1 (2 models, seeds 1000, 1001")
+    assert entry["parameters"] == "lora" and entry["n_tensors"] == report["attacks"]["gsa1"]["params"]["n_tensors"]
+    assert entry["n_fit"] + entry["n_val"] == 2 * (len(theirs[0]["members"]) + len(theirs[0]["nonmembers"]))
+    protocol = report["protocol"]["shadow"]
+    assert protocol["models"] == 2 and protocol["members"] == 2 * len(ours["members"])
+    logs = [(run / "shadows" / f"shadow-{i}.log").read_text() for i in (0, 1)]
     assert evaluate_main([*args, f"out={tmp_path / 'b'}"]) == 0
-    assert (run / "shadows" / "shadow-0.log").read_text() == log  # reused, not trained again
+    assert [(run / "shadows" / f"shadow-{i}.log").read_text() for i in (0, 1)] == logs  # reused, not trained again
+    capsys.readouterr()
+    assert evaluate_main([*args, "eval.shadow.seed=7", f"out={tmp_path / 'c'}"]) == 2  # a cached shadow of another seed
+    assert "trained with seed=1000 (now 7)" in capsys.readouterr().err and not (tmp_path / "c" / "report.json").exists()
 
 
 def test_data_exclude_leaves_out_every_row_of_a_split(evaluated_run):
@@ -246,6 +261,8 @@ def test_shadow_recipe_is_the_targets_own_and_multi_adapter_trainers_are_refused
     assert shadow["trainer"] == "smp_lora" and shadow["mp"]["lambda"] == 0.7 and shadow["seed"] == 1000
     assert shadow["data"]["exclude"] == str(tmp_path / "run") and shadow["eval"]["enabled"] is False
     assert shadow["output_dir"] == str(tmp_path / "run" / "shadows" / "shadow-0")
+    second = shadow_config(cfg, tmp_path / "run", index=1)
+    assert second["seed"] == 1001 and second["output_dir"] == str(tmp_path / "run" / "shadows" / "shadow-1")
     for name in ("dualmd", "distillmd"):
         with pytest.raises(ConfigError, match="not supported yet"):
             shadow_config(load_config(name), tmp_path / "run")

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from .attacks import ATTACKS, Attack, AttackTarget, EncodedSamples, missing_requirements
-from .attacks.base import member_labels
+from .attacks.base import CalibrationPart, member_labels
 from .metrics import auc, calibrated_accuracy, evaluate_scores
 from ..rng import numpy_rng
 
@@ -145,13 +145,24 @@ class Release:
 
 @dataclass
 class ShadowData:
-    """A shadow model the attacker trained on data of the same source, disjoint from the target's split, with its
-    own members and non-members: learned attacks fit on it (`<attack>~shadow`) instead of the target's calibration."""
+    """Shadow models the attacker trained on data of the same source, disjoint from the target's split, each with its
+    own members and non-members: a learned attack is fitted once on their pooled features (`<attack>~shadow`) instead
+    of the target's calibration half."""
 
-    target: AttackTarget
-    members: EncodedSamples
-    nonmembers: EncodedSamples
+    models: list[CalibrationPart]
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("ShadowData needs at least one shadow model")
+
+    @property
+    def ids(self) -> set[str]:
+        return {i for m in self.models for i in (*m.members.ids, *m.nonmembers.ids)}
+
+    def sizes(self) -> dict[str, int]:
+        return {"models": len(self.models), "members": sum(len(m.members) for m in self.models),
+                "nonmembers": sum(len(m.nonmembers) for m in self.models)}
 
 
 SHADOW_SUFFIX = "~shadow"
@@ -212,9 +223,8 @@ def _attack_release(name: str, attack: Attack, release: Release, split: Calibrat
     cal_labels = member_labels(len(split.calibration_members), len(split.calibration_nonmembers))
     cal = None
     if shadow is not None:
-        attack.calibrate(shadow.target, shadow.members, shadow.nonmembers, batch_size=batch_size, progress=progress)
-        shadow_ids = set(shadow.members.ids) | set(shadow.nonmembers.ids)
-        if not set(getattr(attack, "fit_ids", [])) <= shadow_ids:
+        attack.calibrate_pooled(shadow.models, batch_size=batch_size, progress=progress)
+        if not set(getattr(attack, "fit_ids", [])) <= shadow.ids:
             raise DataError(f"attack {name!r} fitted on samples outside the shadow model's data")
     with release.context():
         if shadow is None:
@@ -233,7 +243,7 @@ def _attack_release(name: str, attack: Attack, release: Release, split: Calibrat
     params = attack.params()
     if shadow is not None:
         params["fitted_on"] = f"shadow model{': ' + shadow.description if shadow.description else ''}"
-        params["n_shadow"] = {"members": len(shadow.members), "nonmembers": len(shadow.nonmembers)}
+        params["n_shadow"] = shadow.sizes()
     return {
         "attack": name + (SHADOW_SUFFIX if shadow is not None else ""), "release": release.name, "params": params,
         "nfe_per_sample": rep.nfe_per_sample, "calibration_nfe_per_sample": cal.nfe_per_sample, **entry,
@@ -337,7 +347,7 @@ def run_release_attacks(
     check_disjoint(split)
     cal_ids = set(split.calibration_members.ids) | set(split.calibration_nonmembers.ids)
     if shadow is not None:
-        shared = (set(shadow.members.ids) | set(shadow.nonmembers.ids)) & (
+        shared = shadow.ids & (
             cal_ids | set(split.report_members.ids) | set(split.report_nonmembers.ids))
         if shared:
             raise DataError(f"{len(shared)} shadow-model samples are also target samples, e.g. {sorted(shared)[:3]}; a shadow "
@@ -378,9 +388,9 @@ def run_release_attacks(
             "threat_model": threat_model,
             "attacks_skipped": skipped,
             "shadow": None if shadow is None else {
-                "description": shadow.description, "members": len(shadow.members), "nonmembers": len(shadow.nonmembers),
-                "fits": "the learned parts of the <attack>~shadow entries; their direction and threshold still come "
-                        "from the target's calibration half"},
+                "description": shadow.description, **shadow.sizes(),
+                "fits": "the learned parts of the <attack>~shadow entries, once on the shadows' pooled features; their "
+                        "direction and threshold still come from the target's calibration half"},
         },
         "attacks": results,
     }

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from .attacks import ATTACKS, AttackTarget
 from .distributed import sharded
 from .encode import LATENT_CHOICE, decoder_fn, empty_prompt_state, encode_records, text_encoder_fn
 from .primitives import UNetPredictor
+from .attacks.base import CalibrationPart
 from .runner import Release, ShadowData, run_release_attacks
 from .shadow import SHADOWS
 from .utility import compute_utility
@@ -182,31 +186,68 @@ def attack_target(components, unet, ev, records, device) -> AttackTarget:
 
 
 def shadow_data(cfg, run_dir: Path, device, accelerator=None) -> ShadowData:
-    """The shadow model (trained first when missing, on the main process) as a target, with its own members and
-    non-members encoded like the target's."""
+    """The `eval.shadow.count` shadow models (trained first when missing, on the main process), pooled: one base model
+    holding each shadow's LoRA as its own adapter (adapter memory, not a model, per shadow), each shadow's members and
+    non-members encoded like the target's with its adapter active."""
     from ..data.sources import load_source
     from ..data.split import load_manifest, split_from_manifest
     from ..models.loading import freeze, load_components
     from ..models.lora import load_lora
-    from .shadow import ensure_shadow, shadow_folder
+    from .shadow import ensure_shadows, shadow_folder, shadow_seed
 
+    count = int(cfg.eval.shadow.count)
     if accelerator is None or accelerator.is_main_process:
-        ensure_shadow(cfg, run_dir, progress=True)
+        ensure_shadows(cfg, run_dir, progress=True)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    folder = shadow_folder(run_dir)
     components = load_components(cfg.model)
     freeze(components.vae, components.text_encoder, components.unet)
-    load_lora(components, folder / "lora")
+    records = load_source(cfg.data).records
+    folders = [shadow_folder(run_dir, i) for i in range(count)]
+    with warnings.catch_warnings():  # peft warns that a second adapter makes a multi-adapter model: that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        for i, folder in enumerate(folders):
+            load_lora(components, folder / "lora", adapter_name=f"shadow{i}")
     for m in (components.vae, components.text_encoder, components.unet):
         m.to(device)
     components.unet.eval()
-    split = split_from_manifest(load_manifest(folder), load_source(cfg.data).records)
-    target = attack_target(components, components.unet, cfg.eval, split.members + split.nonmembers, device)
-    members = encode_records(components, split.members, cfg.data.resolution, device)
-    nonmembers = encode_records(components, split.nonmembers, cfg.data.resolution, device)
-    return ShadowData(target, members, nonmembers, description=f"{SHADOWS}/{folder.name} (seed {cfg.eval.shadow.seed}, "
-                      f"{len(split.members)} members, rows disjoint from the target's split)")
+    models, n_members = [], 0
+    for i, folder in enumerate(folders):
+        context = partial(_adapter_live, components, f"shadow{i}")
+        split = split_from_manifest(load_manifest(folder), records)
+        with context():
+            target = attack_target(components, components.unet, cfg.eval, split.members + split.nonmembers, device)
+            members = encode_records(components, split.members, cfg.data.resolution, device)
+            nonmembers = encode_records(components, split.nonmembers, cfg.data.resolution, device)
+        models.append(CalibrationPart(target, members, nonmembers, context))
+        n_members += len(split.members)
+    seeds = ", ".join(str(shadow_seed(cfg, i)) for i in range(count))
+    where = f"{SHADOWS}/{folders[0].name}" if count == 1 else f"{SHADOWS}/shadow-0..{count - 1}"
+    return ShadowData(models, description=f"{where} ({count} model{'s' if count > 1 else ''}, seed{'s' if count > 1 else ''} "
+                      f"{seeds}, {n_members} members, rows disjoint from the target's split)")
+
+
+@contextmanager
+def _adapter_live(components, name: str):
+    """Shadow adapter `name` the active one of every LoRA layer holding it (UNet, and the text encoder when it has
+    one), with every `requires_grad` flag kept; the layers' previous adapters on exit."""
+    from ..models.lora import tuner_layers
+
+    layers = [layer for m in (components.unet, components.text_encoder) for layer in tuner_layers(m)
+              if name in getattr(layer, "lora_A", {})]
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    before = [list(layer.active_adapters) for layer in layers]
+    for layer in layers:
+        layer.set_adapter(name)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, before):
+            layer.set_adapter(old)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _deployed_sections(cfg, components, unet, predictor, alphas, members, nonmembers, split, result, privacy,

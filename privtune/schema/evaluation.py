@@ -37,12 +37,14 @@ class Extraction(Section):
 
 @dataclass
 class Shadow(Section):
-    enabled: bool = option(False, "also fit the attacks' learned parts on a shadow model (the target's recipe trained on "
+    enabled: bool = option(False, "also fit the attacks' learned parts on shadow models (the target's recipe trained on "
                                   "rows disjoint from its split, cached in <run>/shadows/); entries named <attack>~shadow")
-    seed: int = option(1000, "the shadow run's seed (a public one: a shadow guards no secret)")
+    seed: int = option(1000, "the first shadow run's seed, the others seed+1, seed+2, ... (public: a shadow guards no secret)")
+    count: int = option(1, "shadow models pooled (the papers use several, e.g. GSA 5); each is one more training run")
 
     def check(self) -> None:
         self.at_least(0, "seed")
+        self.at_least(1, "count")
 
 
 @dataclass

@@ -142,3 +142,59 @@ def test_runner_refuses_an_attack_that_fitted_on_a_report_sample(alphas_cumprod,
     with pytest.raises(DataError, match="fitted on samples outside the calibration split"):
         runner.run_attacks(target, members, nonmembers, ["secmi_nn"], {"secmi_nn": {"t_sec": 60, "k": 20, "epochs": 2}},
                            progress=False)
+
+
+class _Routed:
+    """A predictor that counts the rows it evaluates and checks it is only called while its model is live."""
+
+    def __init__(self, predictor, live: dict, name: str):
+        self.predictor, self.live, self.name, self.rows = predictor, live, name, 0
+
+    def __call__(self, x, t, cond):
+        assert self.live.get(self.name), f"model {self.name} queried outside its own context"
+        self.rows += x.shape[0]
+        return self.predictor(x, t, cond)
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_pooled_shadows_fit_once_on_every_models_own_samples(name, alphas_cumprod):
+    """`calibrate_pooled` over two shadow models: each model's features come from that model alone (inside its
+    context, the same work per sample), the learned part is fitted on both models' samples, and it transfers to a
+    third model that memorized its own members."""
+    from contextlib import contextmanager
+
+    from privtune.eval.attacks.base import CalibrationPart
+
+    encode, live = TextEncoder(), {}
+    parts, routed = [], []
+    for k, name_k in enumerate(("a", "b")):
+        m, n = dataset(16, f"{name_k}m", 30 + k, encode), dataset(16, f"{name_k}n", 40 + k, encode)
+        pred = _Routed(MemorizingOracle(m.latents, alphas_cumprod, conds=m.cond), live, name_k)
+
+        @contextmanager
+        def context(key=name_k):
+            live[key] = True
+            try:
+                yield
+            finally:
+                live[key] = False
+
+        routed.append(pred)
+        parts.append(CalibrationPart(full_target(pred, alphas_cumprod, encode), m, n, context))
+    attack = ATTACKS.get(name)(**ORACLE_TABLE[name][0])
+    cal = attack.calibrate_pooled(parts, batch_size=16, progress=False)
+    assert routed[0].rows > 0 and routed[0].rows == routed[1].rows  # 32 samples each, the same work per sample
+    fitted = set(attack.fit_ids)
+    for part in parts:
+        assert fitted & {*part.members.ids, *part.nonmembers.ids}, f"{name} fitted on one shadow model only"
+    assert set(cal.ids) <= {i for p in parts for i in (*p.members.ids, *p.nonmembers.ids)}
+    assert cal.nfe_per_sample == ORACLE_TABLE[name][1]
+
+    members, nonmembers = dataset(16, "cm", 50, encode), dataset(16, "cn", 51, encode)
+    live["c"] = True
+    target = full_target(_Routed(MemorizingOracle(members.latents, alphas_cumprod, conds=members.cond), live, "c"),
+                         alphas_cumprod, encode)
+    res = attack.score(target, EncodedSamples.concat([members, nonmembers]), batch_size=16, progress=False)
+    value = auc(res.scores, member_labels(16, 16))
+    oriented = max(value, 1 - value)  # the runner fits the direction on the target's calibration half
+    assert oriented >= 0.9, f"{name}: pooled shadow fit transfers with AUC {value:.3f}"

@@ -103,6 +103,7 @@ def test_all_runs_what_the_target_allows_and_says_what_it_skipped(alphas_cumprod
 def test_shadow_fits_learned_parts_on_disjoint_data_only(alphas_cumprod, members, nonmembers):
     """`<attack>~shadow`: the classifier is fitted on a shadow model's own members and non-members, transfers to the
     target, and a shadow that shares a sample with the target's split is refused."""
+    from privtune.eval.attacks.base import CalibrationPart
     from privtune.eval.runner import ShadowData
 
     from .conftest import make_samples
@@ -113,7 +114,7 @@ def test_shadow_fits_learned_parts_on_disjoint_data_only(alphas_cumprod, members
         return AttackTarget(oracle, alphas_cumprod, unet=OracleUNet(oracle).eval().requires_grad_(False))
 
     shadow_m, shadow_n = make_samples(32, "sm", 21), make_samples(32, "sn", 22)
-    shadow = ShadowData(target_for(shadow_m), shadow_m, shadow_n, "a memorizing twin")
+    shadow = ShadowData([CalibrationPart(target_for(shadow_m), shadow_m, shadow_n)], "a memorizing twin")
     out = run_attacks(target_for(members), members, nonmembers, ["loss", "gsa1"],
                       {"loss": {"timesteps": [100], "draws": 1}, "gsa1": {"n_timesteps": 3}}, batch_size=16,
                       n_bootstrap=20, progress=False, shadow=shadow)
@@ -122,8 +123,10 @@ def test_shadow_fits_learned_parts_on_disjoint_data_only(alphas_cumprod, members
     assert entry["params"]["fitted_on"].startswith("shadow model") and entry["metrics"]["auc"]["value"] >= 0.9
     cal = set(entry["calibration_samples"]["ids"])  # the target's calibration half: direction and threshold only
     assert cal <= {*members.ids, *nonmembers.ids} and not cal & set(entry["samples"]["ids"])
-    assert out["protocol"]["shadow"]["members"] == 32
-    leaky = ShadowData(shadow.target, EncodedSamples.concat([shadow_m, members.subset([0])]), shadow_n)
+    assert out["protocol"]["shadow"]["members"] == 32 and out["protocol"]["shadow"]["models"] == 1
+    twin = shadow.models[0].target
+    leaky = ShadowData([CalibrationPart(twin, shadow_m, shadow_n),
+                        CalibrationPart(twin, EncodedSamples.concat([make_samples(8, "s2", 23), members.subset([0])]), shadow_n)])
     with pytest.raises(DataError, match="shadow-model samples are also target samples"):
         run_attacks(target_for(members), members, nonmembers, ["gsa1"], {"gsa1": {"n_timesteps": 3}}, progress=False,
                     shadow=leaky)

@@ -5,13 +5,16 @@ Score convention (specs/attacks.md §0.3): every attack returns `scores` in whic
 "more likely a member"**, plus the `raw` statistic it was derived from (e.g. a loss, where lower
 means member). Attacks only ever fit anything (a timestep, a classifier) in `calibrate`, on the
 labelled calibration split; `score` is a pure function of the fitted attack and the samples.
+A `learned` attack splits its calibration into `fit_features` (per model) and `fit` (once), so its learned part
+can be fitted on the pooled features of several shadow models (`calibrate_pooled`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -214,11 +217,25 @@ def missing_requirements(attack: "Attack | type[Attack]", target: AttackTarget |
     return [f"{attack.name} needs {REQUIREMENTS[r]}" for r in attack.requires if not have[r]]
 
 
+@dataclass
+class CalibrationPart:
+    """One labelled model-and-data pair a learned part is fitted on: the target's calibration split, or one shadow
+    model with its own members and non-members. `context` makes the model live while its features are computed."""
+
+    target: AttackTarget
+    members: EncodedSamples
+    nonmembers: EncodedSamples
+    context: Callable[[], ContextManager] = field(default=nullcontext)
+
+
 class Attack:
     """Base class. Subclasses implement `_score_batch` (-> {"score": [B], "raw": [B]}) and, when
     they fit anything, `calibrate`. `calibrate` may return scores on (a held-out part of) the
     calibration samples, with labels, for the runner's threshold fit; None means "score the
-    calibration split with `score`"."""
+    calibration split with `score`".
+
+    A `learned` attack implements `fit_features` (per-sample arrays from one model) and `fit` (its learned part, on
+    the features of one or several models, concatenated); `calibrate` is then one part and `calibrate_pooled` many."""
 
     name = "attack"
     statistic = ""         # what `raw` measures, for the report's inversion note ("t-error")
@@ -233,7 +250,48 @@ class Attack:
         self, target: AttackTarget, members: EncodedSamples, nonmembers: EncodedSamples,
         batch_size: int = 32, progress: bool = True,
     ) -> AttackScores | None:
-        return None
+        if not self.learned:
+            return None
+        return self.calibrate_pooled([CalibrationPart(target, members, nonmembers)], batch_size, progress)
+
+    def calibrate_pooled(self, parts: Sequence[CalibrationPart], batch_size: int = 32,
+                         progress: bool = True) -> AttackScores:
+        """Fits the learned part once on the features of every part (each model on its own members and non-members),
+        as the papers pool several shadow models; returns `fit`'s held-out scores with labels."""
+        if not self.learned:
+            raise ConfigError(f"attack {self.name!r} has no learned part to fit on pooled models")
+        if not parts:
+            raise ConfigError(f"{self.name}: calibrate_pooled needs at least one model")
+        features: dict[str, list[np.ndarray]] = defaultdict(list)
+        labels, ids, nfe_total = [], [], 0.0
+        for i, part in enumerate(parts):
+            samples = EncodedSamples.concat([part.members, part.nonmembers])
+            with part.context():
+                feats, nfe = self.fit_features(part.target, samples, batch_size, progress)
+            if i and set(feats) != set(features):
+                raise DataError(f"{self.name}: model {i} gave features {sorted(feats)}, model 0 {sorted(features)}")
+            for key, value in feats.items():
+                if i and value.shape[1:] != features[key][0].shape[1:]:
+                    raise DataError(f"{self.name}: model {i}'s {key!r} features have shape {value.shape[1:]}, model 0's "
+                                    f"{features[key][0].shape[1:]}; pooled models must share the target's recipe")
+                features[key].append(value)
+            labels.append(member_labels(len(part.members), len(part.nonmembers)))
+            ids.extend(samples.ids)
+            nfe_total += nfe * len(samples)
+        pooled = {k: np.concatenate(v) for k, v in features.items()}
+        out = self.fit(pooled, np.concatenate(labels), ids)
+        out.nfe_per_sample = nfe_total / max(1, len(ids))
+        return out
+
+    def fit_features(self, target: AttackTarget, samples: EncodedSamples, batch_size: int,
+                     progress: bool) -> tuple[dict[str, np.ndarray], float]:
+        """A learned attack's per-sample inputs to `fit` on one model (each array [N, ...]) and its NFE per sample."""
+        raise NotImplementedError(f"learned attack {self.name!r} must implement fit_features and fit")
+
+    def fit(self, features: dict[str, np.ndarray], labels: np.ndarray, ids: list[str]) -> AttackScores:
+        """Fits the learned part on pooled `features` (1 = member); records `fit_ids` and returns scores, with labels,
+        on samples it was not fitted on (or on all of them when nothing is held out)."""
+        raise NotImplementedError(f"learned attack {self.name!r} must implement fit_features and fit")
 
     def score(
         self, target: AttackTarget, samples: EncodedSamples, batch_size: int = 32, progress: bool = True

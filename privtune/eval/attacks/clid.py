@@ -20,8 +20,8 @@ whose method the code does not document, so it is not offered.
 The paper fits the scaler, α and the classifier on a shadow model; here they are fitted on the
 target's own calibration split (labelled members and non-members of the released model), which
 gives the attacker more than a shadow model does (privtune reports the stronger attacker), and never
-on report samples; with eval.shadow.enabled the runner also fits a copy on a shadow model (`clid_th~shadow`,
-the paper's setting). clid_vec holds out part of the calibration split to return unbiased scores for the
+on report samples; with eval.shadow.enabled the runner also fits a copy on the pooled shadow models
+(`clid_th~shadow`, the paper's setting). clid_vec holds out part of the calibration split to return unbiased scores for the
 runner's threshold fit. NFE: M·(1 + K) per sample (15 by default), plus K text-encoder passes.
 """
 
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ...errors import ConfigError
 from ..primitives import seeded_noise, single_step_loss
-from .base import (ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples, best_by_auc, map_batches, member_labels,
+from .base import (ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples, best_by_auc, map_batches,
                    stratified_holdout)
 
 CROP_TIMESTEPS = (485, 495, 505)
@@ -84,6 +84,10 @@ class _CLiD(Attack):
         out, nfe = map_batches(target, samples, self._features, batch_size, progress, desc)
         return out["features"].astype(np.float64), nfe
 
+    def fit_features(self, target, samples, batch_size, progress):
+        feats, nfe = self.features(target, samples, batch_size, progress, f"{self.name}/calibrate")
+        return {"features": feats}, nfe
+
     def params(self) -> dict[str, Any]:
         return {"timesteps": self.timesteps, "diminished": "caption character thirds + empty prompt",
                 "conditions": 1 + self.k, "noise": "one draw per (sample, timestep), shared by every condition",
@@ -112,17 +116,15 @@ class CLiDThreshold(_CLiD):
         s = self.scaler.transform(self._pair(features))
         return (1.0 - alpha) * s[:, 0] + alpha * s[:, 1]
 
-    def calibrate(self, target, members, nonmembers, batch_size=32, progress=True) -> AttackScores:
+    def fit(self, features, labels, ids) -> AttackScores:
         from sklearn.preprocessing import RobustScaler
 
-        cal = EncodedSamples.concat([members, nonmembers])
-        labels = member_labels(len(members), len(nonmembers))
-        feats, nfe = self.features(target, cal, batch_size, progress, "clid_th/calibrate")
+        feats = features["features"]
         self.scaler = RobustScaler().fit(self._pair(feats))
         self.alpha, self.calibration_auc = best_by_auc({a: -self._combined(feats, a) for a in self.alphas}, labels)
         raw = self._combined(feats, self.alpha)
-        self.fit_ids = list(cal.ids)
-        return AttackScores(-raw, raw, nfe, ids=list(cal.ids), labels=labels)
+        self.fit_ids = list(ids)
+        return AttackScores(-raw, raw, 0.0, ids=list(ids), labels=labels)
 
     def score(self, target, samples, batch_size=32, progress=True) -> AttackScores:
         if self.alpha is None:
@@ -153,14 +155,12 @@ class CLiDVector(_CLiD):
         self.fit_ids: list[str] = []
         self.val_ids: list[str] = []
 
-    def calibrate(self, target, members, nonmembers, batch_size=32, progress=True) -> AttackScores:
+    def fit(self, features, labels, ids) -> AttackScores:
         from sklearn.ensemble import HistGradientBoostingClassifier
 
         from ...rng import numpy_rng
 
-        cal = EncodedSamples.concat([members, nonmembers])
-        labels = member_labels(len(members), len(nonmembers))
-        feats, nfe = self.features(target, cal, batch_size, progress, "clid_vec/features")
+        feats = features["features"]
         fit, val = stratified_holdout(labels, self.val_fraction, numpy_rng(self.seed, "clid_vec", "holdout"), "clid_vec")
         # scikit-learn's default leaf size (20) allows no split at all on a small calibration split
         self.min_samples_leaf = int(min(20, max(2, len(fit) // 8)))
@@ -168,9 +168,9 @@ class CLiDVector(_CLiD):
                                                     learning_rate=self.learning_rate, min_samples_leaf=self.min_samples_leaf,
                                                     random_state=self.seed % 2**32)
         self.model.fit(feats[fit], labels[fit])
-        self.fit_ids, self.val_ids = [cal.ids[i] for i in fit], [cal.ids[i] for i in val]
+        self.fit_ids, self.val_ids = [ids[i] for i in fit], [ids[i] for i in val]
         prob = self.model.predict_proba(feats[val])[:, 1]
-        return AttackScores(prob, prob, nfe, ids=self.val_ids, labels=labels[val])
+        return AttackScores(prob, prob, 0.0, ids=self.val_ids, labels=labels[val])
 
     def score(self, target, samples, batch_size=32, progress=True) -> AttackScores:
         if self.model is None:

@@ -27,7 +27,8 @@ Deviations from the paper and its code:
   calibration split of tens of samples).
 * The classifier is fitted on the target's own calibration split (members and non-members of known
   membership), a stronger attacker than one holding only shadow models; with eval.shadow.enabled the
-  runner also fits a copy on a shadow model's members and non-members (`gsa1~shadow`, the paper's setting).
+  runner also fits a copy on the pooled shadow models' members and non-members (`gsa1~shadow`, the paper's
+  setting, which pools 5).
   A seeded `val_fraction` of each class is held out of the fit and its scores are
   returned for the runner's threshold and orientation fit, so no sample is scored by a classifier
   that saw it (the CopyMark pitfall of §14); `fit_ids` / `val_ids` list the two parts.
@@ -58,7 +59,7 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError
 from ..primitives import add_noise, seeded_noise
-from .base import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples, map_batches, member_labels, stratified_holdout
+from .base import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples, map_batches, stratified_holdout
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample")
 OPACUS_MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad", "autograd_grad_sample_hooks")
@@ -82,9 +83,10 @@ def attacked_parameters(unet: nn.Module) -> tuple[str, list[tuple[str, nn.Parame
                 continue
             active = list(module.active_adapters)
             for pname, p in module.named_parameters():
-                if "lora_" in pname and any(f".{a}." in f".{pname}." for a in active):
-                    keep[id(p)] = f"{mname}.{pname}"
-        lora = [(n, p) for n, p in named if id(p) in keep]
+                hit = next((a for a in active if f".{a}." in f".{pname}."), None)
+                if "lora_" in pname and hit is not None:  # named without the adapter: shadows load under their own
+                    keep[id(p)] = f"{mname}.{f'.{pname}.'.replace(f'.{hit}.', '.*.').strip('.')}"
+        lora = [(keep[id(p)], p) for _, p in named if id(p) in keep]
         if lora:
             return "lora", lora
     return "all", [(n, p) for n, p in named if "lora_" not in n]
@@ -246,17 +248,18 @@ class GSA1(Attack):
         return (np.log(np.maximum(norms, 1e-30)) - self._mean) / self._std
 
     # ------------------------------------------------------------------ calibration and scoring
-    def calibrate(self, target, members, nonmembers, batch_size=32, progress=True) -> AttackScores:
+    def fit_features(self, target, samples, batch_size, progress):
+        return {"norms": self.features(target, samples, batch_size, progress)}, float(self.n_timesteps)
+
+    def fit(self, features, labels, ids) -> AttackScores:
         from sklearn.ensemble import HistGradientBoostingClassifier
 
         from ..metrics import auc
 
-        cal = EncodedSamples.concat([members, nonmembers])
-        labels = member_labels(len(members), len(nonmembers))
-        norms = self.features(target, cal, batch_size, progress)
+        norms = features["norms"]
         fit_idx, val_idx = stratified_holdout(labels, self.val_fraction, np.random.default_rng(self.seed), self.name)
-        self.fit_ids = [cal.ids[i] for i in fit_idx]
-        self.val_ids = [cal.ids[i] for i in val_idx]
+        self.fit_ids = [ids[i] for i in fit_idx]
+        self.val_ids = [ids[i] for i in val_idx]
         logs = np.log(np.maximum(norms[fit_idx], 1e-30))
         self._mean, self._std = logs.mean(0), np.maximum(logs.std(0), 1e-6)
         self._leaf = self.min_samples_leaf or int(np.clip(len(fit_idx) // 10, 1, 20))

@@ -200,9 +200,14 @@ class QuantileRegression(Attack):
         feats = latent_features(batch.latents, batch.cond if self.use_cond else None)
         return {"s": err.clamp_min(1e-30).log(), "features": feats}
 
-    def calibrate(self, target, members, nonmembers, batch_size=32, progress=True) -> AttackScores:
+    def fit_features(self, target, samples, batch_size, progress):
+        out, nfe = map_batches(target, samples, self._statistic, batch_size, progress, "quantile/calibrate")
+        return {"s": out["s"], "features": out["features"]}, nfe
+
+    def fit(self, features, labels, ids) -> AttackScores:
         from ...rng import numpy_rng
 
+        members, nonmembers = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
         n_non = len(nonmembers)
         n_fit = int(round(self.fit_fraction * n_non))
         if n_fit < 2 or n_fit >= n_non:
@@ -211,20 +216,18 @@ class QuantileRegression(Attack):
                 f"{self.fit_fraction}, at least 2) and a held-out part (at least 1)"
             )
         perm = numpy_rng(self.seed, "quantile/fit-split").permutation(n_non)
-        fit_idx, held_idx = np.sort(perm[:n_fit]), np.sort(perm[n_fit:])
-        cal = EncodedSamples.concat([members, nonmembers])
-        out, nfe = map_batches(target, cal, self._statistic, batch_size, progress, "quantile/calibrate")
-        s, feats = out["s"], out["features"]
-        m = len(members)
-        self.fit_ids = [nonmembers.ids[i] for i in fit_idx]
-        self.heldout_ids = [nonmembers.ids[i] for i in held_idx]
-        self.bag.fit(feats[m + fit_idx], s[m + fit_idx])
+        fit_idx, held_idx = nonmembers[np.sort(perm[:n_fit])], nonmembers[np.sort(perm[n_fit:])]
+        s, feats = features["s"], features["features"]
+        self.fit_ids = [ids[i] for i in fit_idx]
+        self.heldout_ids = [ids[i] for i in held_idx]
+        self.bag.fit(feats[fit_idx], s[fit_idx])
 
-        keep = np.concatenate([np.arange(m), m + held_idx])
+        keep = np.concatenate([members, held_idx])
         q = self.bag.predict(feats[keep])
-        self.heldout_fpr = rule_fprs(q[:, m:], s[keep][m:])
+        self.heldout_fpr = rule_fprs(q[:, len(members):], s[held_idx])
         scores = q.mean(0) - s[keep]
-        return AttackScores(scores, s[keep], nfe, ids=[cal.ids[i] for i in keep], labels=member_labels(m, len(held_idx)))
+        return AttackScores(scores, s[keep], 0.0, ids=[ids[i] for i in keep],
+                            labels=member_labels(len(members), len(held_idx)))
 
     def _score_batch(self, target, batch):
         if not self.bag.models:

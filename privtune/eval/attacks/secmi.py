@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError
 from ..primitives import ddim_trajectory, ddim_transfer
-from .base import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples, map_batches, member_labels, stratified_holdout
+from .base import ATTACKS, Attack, AttackScores, AttackTarget, EncodedSamples, map_batches, stratified_holdout
 
 
 @ATTACKS.register("secmi")
@@ -96,24 +96,27 @@ class SecMINN(SecMI):
         self.val_ids: list[str] = []
         self.best_epoch: int | None = None
         self.val_auc: float | None = None
+        self._device: torch.device | None = None
 
     def _features(self, maps: Tensor) -> Tensor:
         return (maps.float().clamp_min(1e-8).log() - self._mean) / self._std
 
-    def calibrate(self, target, members, nonmembers, batch_size=32, progress=True) -> AttackScores:
+    def fit_features(self, target, samples, batch_size, progress):
+        self._device = samples.latents.device if target.device is None else torch.device(target.device)
+        out, nfe = map_batches(
+            target, samples, lambda tg, b: {"map": self.error_map(tg, b)}, batch_size, progress, "secmi_nn/maps"
+        )
+        return {"map": out["map"]}, nfe
+
+    def fit(self, features, labels, ids) -> AttackScores:
         from ..metrics import auc
 
-        cal = EncodedSamples.concat([members, nonmembers])
-        labels = member_labels(len(members), len(nonmembers))
-        out, nfe = map_batches(
-            target, cal, lambda tg, b: {"map": self.error_map(tg, b)}, batch_size, progress, "secmi_nn/maps"
-        )
         train_idx, val_idx = stratified_holdout(labels, self.val_fraction, np.random.default_rng(self.seed), "secmi_nn")
-        self.fit_ids = [cal.ids[i] for i in train_idx]
-        self.val_ids = [cal.ids[i] for i in val_idx]
+        self.fit_ids = [ids[i] for i in train_idx]
+        self.val_ids = [ids[i] for i in val_idx]
 
-        device = cal.latents.device if target.device is None else torch.device(target.device)
-        maps = torch.from_numpy(out["map"]).to(device)
+        device = self._device or torch.device("cpu")
+        maps = torch.from_numpy(features["map"]).to(device)
         y = torch.from_numpy(labels).float().to(device)
         logs = maps[train_idx].clamp_min(1e-8).log()
         self._mean = logs.mean(dim=(0, 2, 3), keepdim=True)[0]
@@ -145,7 +148,7 @@ class SecMINN(SecMI):
         self.model, self.val_auc, self.best_epoch = model, best[0], best[2]
         with torch.no_grad():
             val_logits = model(x_val).cpu().numpy()
-        return AttackScores(val_logits, val_logits, nfe, ids=self.val_ids, labels=y_val)
+        return AttackScores(val_logits, val_logits, 0.0, ids=self.val_ids, labels=y_val)
 
     def _score_batch(self, target, batch):
         if self.model is None:
