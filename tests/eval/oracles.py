@@ -124,3 +124,46 @@ class OracleUNet(nn.Module):
 
     def forward(self, x, t, encoder_hidden_states):
         return SimpleNamespace(sample=self.head(self.oracle(self.pre(x), t, encoder_hidden_states)))
+
+
+class MemorizingGenerator:
+    """A black-box release that memorized its training images (no network at all): a training caption generates
+    its own image plus small seeded noise, any other caption a random image of the population; a variation is pulled
+    toward the nearest training image (more the larger t) plus noise. Images [N,3,H,W] in [-1, 1]."""
+
+    def __init__(self, images: Tensor, captions, noise: float = 0.1, pull: bool = True):
+        self.images, self.noise, self.pull = images.float(), float(noise), pull
+        self.by_caption = {c: i for i, c in enumerate(captions)}
+
+    def _noise(self, shape, seed):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed) % 2**63))
+
+    def generate(self, prompts, seeds):
+        out = []
+        for p, s in zip(prompts, seeds):
+            i = self.by_caption.get(p)
+            base = self.images[i] if i is not None else 0.5 * self._noise(self.images.shape[1:], s + 1)
+            out.append((base + self.noise * self._noise(base.shape, s)).clamp(-1, 1))
+        return torch.stack(out)
+
+    def vary(self, images, prompts, t, stride, seeds):
+        w = min(1.0, t / 100.0)
+        flat = images.flatten(1)
+        nearest = self.images[torch.cdist(flat, self.images.flatten(1)).argmin(1)]
+        pulled = images + w * (nearest - images) if self.pull else images
+        noise = torch.stack([self._noise(images.shape[1:], s + 7 * k) for k, s in enumerate(seeds)])
+        return (pulled + w * noise).clamp(-1, 1)
+
+
+class IgnorantGenerator(MemorizingGenerator):
+    """A release whose generator ignores its training set: captions draw random population images, and a variation
+    is the image plus noise, with no pull toward any training image."""
+
+    def __init__(self, images: Tensor, captions, noise: float = 0.1):
+        super().__init__(images, captions, noise, pull=False)
+        self.by_caption = {}
+
+
+def pooled_embed(images):
+    """A fixed stand-in for an image encoder: 4x4 average-pooled pixels, flattened ([N, 48])."""
+    return torch.nn.functional.adaptive_avg_pool2d(images.float(), 4).flatten(1).numpy()

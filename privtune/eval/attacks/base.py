@@ -106,8 +106,9 @@ class AttackTarget:
 
     What an attack may further need (its `requires`, checked by `missing_requirements`): `encode_text`
     (prompts -> condition states [B,L,D] from the target's own text encoder; "captions"), `decode`
-    (scaled latents -> pixels in [-1,1] through the target's VAE; "pixels") and `unet` (the attacked
-    network itself, for gradients; "white_box")."""
+    (scaled latents -> pixels in [-1,1] through the target's VAE; "pixels"), `unet` (the attacked
+    network itself, for gradients; "white_box") and `generation` (a GenerationAPI: generated images and an
+    offline image encoder, all a black-box attacker holds; "generation")."""
 
     predictor: NoisePredictor
     alphas_cumprod: Tensor
@@ -117,6 +118,7 @@ class AttackTarget:
     encode_text: Callable[[Sequence[str]], Tensor] | None = None
     decode: Callable[[Tensor], Tensor] | None = None
     unet: torch.nn.Module | None = None
+    generation: Any = None  # privtune.eval.generation.GenerationAPI: the black-box attacks' only view
 
     def __post_init__(self) -> None:
         if self.alphas_cumprod.dim() != 1:
@@ -199,6 +201,9 @@ REQUIREMENTS = {
     "captions": "the training captions and the target's text encoder (samples.captions, target.encode_text)",
     "pixels": "the images and the target's VAE decoder (samples.pixels, target.decode)",
     "white_box": "the attacked network's weights and autograd (target.unet)",
+    "generation": "the release's generation API, an offline image encoder and the query images and captions "
+                  "(target.generation, samples.pixels, samples.captions)",
+    "variation": "an image-variation (img2img) API (target.generation.vary)",
 }
 
 
@@ -210,6 +215,9 @@ def missing_requirements(attack: "Attack | type[Attack]", target: AttackTarget |
         "captions": (target is None or target.encode_text is not None) and (samples is None or samples.captions is not None),
         "pixels": (target is None or target.decode is not None) and (samples is None or samples.pixels is not None),
         "white_box": target is None or target.unet is not None,
+        "generation": (target is None or target.generation is not None)
+                      and (samples is None or (samples.pixels is not None and samples.captions is not None)),
+        "variation": target is None or getattr(target.generation, "vary", None) is not None,
     }
     unknown = [r for r in attack.requires if r not in REQUIREMENTS]
     if unknown:
