@@ -186,14 +186,17 @@ def test_every_attack_runs_on_a_real_run(evaluated_run, tmp_path):
              "pia: {timesteps: [100]}, pian: {timesteps: [100]}, quantile: {t_sec: 40, k: 20, n_models: 2}, "
              "clid_th: {timesteps: [450]}, clid_vec: {timesteps: [450]}, gsa1: {n_timesteps: 2}, gsa2: {n_timesteps: 2}, "
              "structural: {timesteps: [40]}, wen: {generations: 1, steps: 4}, wen_trajectory: {generations: 1, steps: 4}, "
-             "ren: {}, ren_trajectory: {steps: 4, last: 2}}")
+             "ren: {}, ren_trajectory: {steps: 4, last: 2}, rediffuse: {n: 2}, miagm: {per_prompt: 1}}")
     assert evaluate_main([f"run={evaluated_run}", f"out={out}", "eval.attacks=[all]", f"eval.attack_params={cheap}",
-                          "eval.utility=false", "eval.bootstrap=20"]) == 0
+                          "eval.utility=false", "eval.bootstrap=20", "eval.utility_inference_steps=4"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["attacks"]) == set(ATTACKS.names()) and report["protocol"]["attacks_skipped"] == {}
     gsa = report["attacks"]["gsa1"]["params"]
     assert gsa["parameters"] == "lora" and gsa["n_tensors"] > 0
     assert report["attacks"]["structural"]["params"]["vae_floor_ssim"]
+    assert report["attacks"]["rediffuse"]["params"]["variations_per_query"] == 2  # black box: generation API only
+    assert report["attacks"]["rediffuse"]["nfe_per_sample"] == 2  # t / stride = 1 UNet pass per variation
+    assert report["attacks"]["miagm"]["params"]["generated_images"] > 0
     for name, attack in report["attacks"].items():
         assert 0.0 <= attack["metrics"]["auc"]["value"] <= 1.0 and attack["seconds"] >= 0, name
     assert "Wall time per attack" in (out / "report.md").read_text()

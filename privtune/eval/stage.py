@@ -145,7 +145,7 @@ def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=N
     device = next(unet.parameters()).device
     was_training = unet.training
     unet.eval()
-    target = attack_target(components, unet, ev, split.members + split.nonmembers, device)
+    target = attack_target(components, unet, ev, split.members + split.nonmembers, device, benchmark_of(cfg))
     predictor, alphas = target.predictor, target.alphas_cumprod
     member_records = attacked_members(split.members, ev.get("max_members"), int(cfg.seed))
     members = encode_records(components, member_records, cfg.data.resolution, device)
@@ -174,15 +174,46 @@ def evaluate_model(*, cfg, components, unet, split, run_dir: Path, accelerator=N
     return report
 
 
-def attack_target(components, unet, ev, records, device) -> AttackTarget:
+def attack_target(components, unet, ev, records, device, benchmark: str | None = None) -> AttackTarget:
     """What the attacks query: the UNet's noise predictions (with eval.guidance_scale), the scheduler's ᾱ_t, the
-    empty-prompt state, the text encoder, the VAE decoder and the UNet itself (for gradient attacks)."""
+    empty-prompt state, the text encoder, the VAE decoder, the UNet itself (for gradient attacks) and, when an offline
+    image encoder exists for the data (`benchmark`, or eval.clip_model), the generation API of the black-box attacks."""
     uncond = empty_prompt_state(components, device)
     predictor = UNetPredictor(unet, guidance_scale=float(ev.guidance_scale),
                               uncond=uncond if float(ev.guidance_scale) != 1.0 else None)
     return AttackTarget(predictor, components.noise_scheduler.alphas_cumprod.to(torch.float64), uncond=uncond,
                         token_lengths=token_lengths(components.tokenizer, records),
-                        encode_text=text_encoder_fn(components, device), decode=decoder_fn(components), unet=unet)
+                        encode_text=text_encoder_fn(components, device), decode=decoder_fn(components), unet=unet,
+                        generation=generation_api(components, unet, ev, benchmark, device))
+
+
+def benchmark_of(cfg) -> str | None:
+    """The embedded benchmark's name (portraits, emoji) when the run trains on one, else None."""
+    from ..embedded import embedded, is_embedded
+
+    return embedded(cfg.data.source).name if is_embedded(cfg.data.source) else None
+
+
+def generation_api(components, unet, ev, benchmark: str | None, device):
+    """The release behind a generation service (privtune.eval.generation): text-to-image with the utility generations'
+    settings (eval.utility_inference_steps, eval.utility_guidance_scale; no inference-time mitigation, as an
+    attacker holding the file runs it) and img2img through the same UNet. None when no offline encoder exists."""
+    from .generation import image_encoder, pipeline_api
+
+    if benchmark is None and not ev.get("clip_model"):
+        return None
+    encoder: dict = {}
+
+    def embed(images):  # loaded on first use: only black-box attacks need it
+        if "fn" not in encoder:
+            encoder["fn"], encoder["what"] = image_encoder(benchmark, ev.get("clip_model"))
+        return encoder["fn"](images)
+
+    what = ("CLIP image embeddings (eval.clip_model)" if ev.get("clip_model") else
+            "penultimate features of the shipped portraits attribute classifier" if benchmark == "portraits" else
+            "fixed training-free image features (privtune.models.recognition)")
+    return pipeline_api(pipeline_for(components, unet), components, UNetPredictor(unet), embed, what,
+                        steps=int(ev.utility_inference_steps), guidance=float(ev.utility_guidance_scale), device=device)
 
 
 def shadow_data(cfg, run_dir: Path, device, accelerator=None) -> ShadowData:
@@ -216,7 +247,8 @@ def shadow_data(cfg, run_dir: Path, device, accelerator=None) -> ShadowData:
         context = partial(_adapter_live, components, f"shadow{i}")
         split = split_from_manifest(load_manifest(folder), records)
         with context():
-            target = attack_target(components, components.unet, cfg.eval, split.members + split.nonmembers, device)
+            target = attack_target(components, components.unet, cfg.eval, split.members + split.nonmembers, device,
+                                   benchmark_of(cfg))
             members = encode_records(components, split.members, cfg.data.resolution, device)
             nonmembers = encode_records(components, split.nonmembers, cfg.data.resolution, device)
         models.append(CalibrationPart(target, members, nonmembers, context))
@@ -266,9 +298,9 @@ def _deployed_sections(cfg, components, unet, predictor, alphas, members, nonmem
                 from ..memorization.sampling import apply_sampling_options
 
                 pipe = apply_sampling_options(pipe, cfg.sampling)
-            from ..embedded import embedded, is_embedded
+            from ..embedded import is_embedded
 
-            bench = embedded(cfg.data.source).name if is_embedded(cfg.data.source) else None
+            bench = benchmark_of(cfg)
             grid = Path(run_dir) / "plots" / "generations.png" if write else None
             utility = compute_utility(predictor=predictor, members=members, nonmembers=nonmembers, alphas_cumprod=alphas,
                                       pipe=pipe, nonmember_records=split.nonmembers, eval_cfg=ev,

@@ -128,8 +128,9 @@ class OracleUNet(nn.Module):
 
 class MemorizingGenerator:
     """A black-box release that memorized its training images (no network at all): a training caption generates
-    its own image plus small seeded noise, any other caption a random image of the population; a variation is pulled
-    toward the nearest training image (more the larger t) plus noise. Images [N,3,H,W] in [-1, 1]."""
+    its own image plus small seeded noise, any other caption a seeded random training image (what it learned is its
+    training set); a variation is pulled toward the nearest training image (more the larger t) plus noise.
+    Images [N,3,H,W] in [-1, 1]."""
 
     def __init__(self, images: Tensor, captions, noise: float = 0.1, pull: bool = True):
         self.images, self.noise, self.pull = images.float(), float(noise), pull
@@ -142,6 +143,9 @@ class MemorizingGenerator:
         out = []
         for p, s in zip(prompts, seeds):
             i = self.by_caption.get(p)
+            if i is None and self.pull:
+                key = int.from_bytes(hashlib.blake2b(f"{p}|{s}".encode(), digest_size=8).digest(), "little")
+                i = key % len(self.images)
             base = self.images[i] if i is not None else 0.5 * self._noise(self.images.shape[1:], s + 1)
             out.append((base + self.noise * self._noise(base.shape, s)).clamp(-1, 1))
         return torch.stack(out)
@@ -156,8 +160,8 @@ class MemorizingGenerator:
 
 
 class IgnorantGenerator(MemorizingGenerator):
-    """A release whose generator ignores its training set: captions draw random population images, and a variation
-    is the image plus noise, with no pull toward any training image."""
+    """A release whose generator ignores its training set: every caption draws a random image, and a variation is the
+    image plus noise, with no pull toward any training image."""
 
     def __init__(self, images: Tensor, captions, noise: float = 0.1):
         super().__init__(images, captions, noise, pull=False)

@@ -12,7 +12,7 @@ from privtune.eval.attacks import ATTACKS, AttackTarget, EncodedSamples, missing
 from privtune.eval.attacks.base import member_labels
 from privtune.eval.metrics import auc
 
-from .oracles import GaussianOracle, MemorizingOracle, OracleUNet, TextEncoder, upsample_decode
+from .oracles import GaussianOracle, MemorizingOracle, OracleUNet, TextEncoder, pooled_embed, upsample_decode
 
 # fast settings, and the UNet evaluations per scored sample the spec gives for them
 ORACLE_TABLE = {
@@ -33,11 +33,18 @@ NOT_ORACLE = {
           "image oracles do not apply (tests/test_memorization_detection.py trains caption-memorizing models instead)"
     for name in ("wen", "wen_trajectory", "ren", "ren_trajectory")
 }
+# black-box attacks: fast settings and UNet passes per query with PASSES_PER_IMAGE per generated image
+PASSES_PER_IMAGE = 50
+BLACKBOX_TABLE = {
+    "rediffuse": ({"t": 50, "stride": 10, "n": 4}, 4 * 5),
+    "miagm": ({"per_prompt": 8}, 0),
+}
 
 
 def test_every_registered_attack_is_in_the_table():
-    assert set(ATTACKS.names()) == set(ORACLE_TABLE) | set(NOT_ORACLE), "add the new attack to ORACLE_TABLE"
-    assert not set(ORACLE_TABLE) & set(NOT_ORACLE)
+    tables = set(ORACLE_TABLE) | set(NOT_ORACLE) | set(BLACKBOX_TABLE)
+    assert set(ATTACKS.names()) == tables, "add the new attack to ORACLE_TABLE or BLACKBOX_TABLE"
+    assert len(tables) == len(ORACLE_TABLE) + len(NOT_ORACLE) + len(BLACKBOX_TABLE)
 
 
 def dataset(n, prefix, seed, encode):
@@ -198,3 +205,65 @@ def test_pooled_shadows_fit_once_on_every_models_own_samples(name, alphas_cumpro
     value = auc(res.scores, member_labels(16, 16))
     oriented = max(value, 1 - value)  # the runner fits the direction on the target's calibration half
     assert oriented >= 0.9, f"{name}: pooled shadow fit transfers with AUC {value:.3f}"
+
+
+# ------------------------------------------------------------------ black-box attacks, against generator oracles
+class _NoNoisePredictions:
+    def __call__(self, x, t, cond):
+        raise AssertionError("a black-box attack queried a noise prediction")
+
+
+def image_samples(n, prefix, seed):
+    g = torch.Generator().manual_seed(seed)
+    pixels = (0.6 * torch.randn(n, 3, 8, 8, generator=g)).repeat_interleave(4, -2).repeat_interleave(4, -1).clamp(-1, 1)
+    captions = [f"{prefix} portrait number {i}" for i in range(n)]
+    return EncodedSamples(torch.zeros(n, 4, 8, 8), torch.zeros(n, 8, 16), [f"{prefix}{i}" for i in range(n)],
+                          captions=captions, pixels=pixels)
+
+
+def blackbox_target(generator, alphas_cumprod):
+    from privtune.eval.generation import GenerationAPI
+
+    api = GenerationAPI(generate=generator.generate, vary=generator.vary, embed=pooled_embed, encoder="pooled pixels",
+                        passes_per_image=PASSES_PER_IMAGE)
+    return AttackTarget(_NoNoisePredictions(), alphas_cumprod, generation=api)  # nothing else: no UNet, no decoder
+
+
+def blackbox_auc(name, target, members, nonmembers, half):
+    attack = ATTACKS.get(name)(**BLACKBOX_TABLE[name][0])
+    attack.calibrate(target, members.subset(range(half)), nonmembers.subset(range(half)), batch_size=16, progress=False)
+    report = EncodedSamples.concat([members.subset(range(half, 2 * half)), nonmembers.subset(range(half, 2 * half))])
+    res = attack.score(target, report, batch_size=16, progress=False)
+    return attack, res, member_labels(half, half)
+
+
+@pytest.mark.parametrize("name", sorted(BLACKBOX_TABLE))
+def test_blackbox_attack_detects_a_memorizing_generator_through_images_alone(name, alphas_cumprod):
+    from .oracles import MemorizingGenerator
+
+    members, nonmembers = image_samples(32, "m", 61), image_samples(32, "n", 62)
+    target = blackbox_target(MemorizingGenerator(members.pixels, members.captions), alphas_cumprod)
+    assert missing_requirements(ATTACKS.get(name), target, members) == []
+    attack, res, y = blackbox_auc(name, target, members, nonmembers, 16)
+    value = auc(res.scores, y)
+    assert value >= 0.9, f"{name}: AUC {value:.3f} against a generator that memorized its members"
+    assert auc(res.scores, 1 - y) == pytest.approx(1 - value)
+    assert res.nfe_per_sample == BLACKBOX_TABLE[name][1] == attack.params()["passes_per_query"]
+    assert not set(getattr(attack, "fit_ids", [])) & set(members.ids[16:] + nonmembers.ids[16:])
+
+
+@pytest.mark.parametrize("name", sorted(BLACKBOX_TABLE))
+def test_blackbox_attack_is_chance_on_a_generator_that_ignores_its_training_set(name, alphas_cumprod):
+    from .oracles import IgnorantGenerator
+
+    members, nonmembers = image_samples(128, "a", 71), image_samples(128, "b", 72)
+    target = blackbox_target(IgnorantGenerator(members.pixels, members.captions), alphas_cumprod)
+    _, res, y = blackbox_auc(name, target, members, nonmembers, 64)
+    assert abs(auc(res.scores, y) - 0.5) <= 0.1, f"{name} separates members of a generator that ignores them"
+
+
+def test_a_blackbox_attack_needs_the_generation_api(alphas_cumprod):
+    members = image_samples(4, "m", 1)
+    gray = AttackTarget(_NoNoisePredictions(), alphas_cumprod)
+    for name in BLACKBOX_TABLE:
+        assert any("generation API" in m for m in missing_requirements(ATTACKS.get(name), gray, members)), name
