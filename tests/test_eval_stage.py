@@ -186,7 +186,8 @@ def test_every_attack_runs_on_a_real_run(evaluated_run, tmp_path):
              "pia: {timesteps: [100]}, pian: {timesteps: [100]}, quantile: {t_sec: 40, k: 20, n_models: 2}, "
              "clid_th: {timesteps: [450]}, clid_vec: {timesteps: [450]}, gsa1: {n_timesteps: 2}, gsa2: {n_timesteps: 2}, "
              "structural: {timesteps: [40]}, wen: {generations: 1, steps: 4}, wen_trajectory: {generations: 1, steps: 4}, "
-             "ren: {}, ren_trajectory: {steps: 4, last: 2}, rediffuse: {n: 2}, miagm: {per_prompt: 1}}")
+             "ren: {}, ren_trajectory: {steps: 4, last: 2}, rediffuse: {n: 2}, miagm: {per_prompt: 1}, "
+             "wu: {n: 1}, pang_wang: {n: 1}}")
     assert evaluate_main([f"run={evaluated_run}", f"out={out}", "eval.attacks=[all]", f"eval.attack_params={cheap}",
                           "eval.utility=false", "eval.bootstrap=20", "eval.utility_inference_steps=4"]) == 0
     report = json.loads((out / "report.json").read_text())

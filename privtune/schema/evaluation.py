@@ -51,8 +51,9 @@ class Shadow(Section):
 class Eval(Section):
     enabled: bool = option(True, "attack the trained model at the end of the run")
     attacks: List[str] = option(["loss", "secmi", "pia"], "attacks run, any of: loss, secmi, secmi_nn, pia, pian, quantile, "
-                                                          "clid_th, clid_vec, gsa1, gsa2, structural, wen, wen_trajectory, "
-                                                          "ren, ren_trajectory; [all] = every attack the release allows")
+                                                          "clid_th, clid_vec, gsa1, gsa2, structural, rediffuse, miagm, "
+                                                          "wu, pang_wang, wen, wen_trajectory, ren, ren_trajectory; "
+                                                          "[all] = every attack the release allows")
     attack_params: Dict[str, Any] = option({}, "per-attack settings, e.g. {loss: {draws: 8}, secmi: {t_sec: 100}}")
     max_members: Optional[int] = option(None, "attack a uniform random subset of this many members (null = every member); "
                                               "AUC stays unbiased, CIs widen")

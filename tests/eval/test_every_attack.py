@@ -38,6 +38,8 @@ PASSES_PER_IMAGE = 50
 BLACKBOX_TABLE = {
     "rediffuse": ({"t": 50, "stride": 10, "n": 4}, 4 * 5),
     "miagm": ({"per_prompt": 8}, 0),
+    "wu": ({}, 3 * PASSES_PER_IMAGE),
+    "pang_wang": ({}, 3 * PASSES_PER_IMAGE),
 }
 
 
@@ -267,3 +269,36 @@ def test_a_blackbox_attack_needs_the_generation_api(alphas_cumprod):
     gray = AttackTarget(_NoNoisePredictions(), alphas_cumprod)
     for name in BLACKBOX_TABLE:
         assert any("generation API" in m for m in missing_requirements(ATTACKS.get(name), gray, members)), name
+
+
+@pytest.mark.parametrize("name", sorted(n for n in BLACKBOX_TABLE if ATTACKS.get(n).learned or n == "miagm"))
+def test_blackbox_learned_parts_never_see_a_report_sample(name, alphas_cumprod, monkeypatch):
+    """Through the runner, a black-box attack's classifier is fitted on calibration samples only."""
+    from privtune.eval import runner
+
+    from .oracles import MemorizingGenerator
+
+    members, nonmembers = image_samples(16, "m", 81), image_samples(16, "n", 82)
+    target = blackbox_target(MemorizingGenerator(members.pixels, members.captions), alphas_cumprod)
+    seen, built = [], []
+    real_build = runner.build_attack
+
+    def spy(*args, **kwargs):
+        attack = real_build(*args, **kwargs)
+        calibrate = attack.calibrate
+
+        def recording(tg, m, n, **kw):
+            seen.extend(m.ids + n.ids)
+            return calibrate(tg, m, n, **kw)
+
+        attack.calibrate = recording
+        built.append(attack)
+        return attack
+
+    monkeypatch.setattr(runner, "build_attack", spy)
+    out = runner.run_attacks(target, members, nonmembers, [name], {name: BLACKBOX_TABLE[name][0]}, batch_size=16,
+                             n_bootstrap=20, progress=False)
+    report = set(out["attacks"][name]["samples"]["ids"])
+    assert seen and not set(seen) & report
+    assert set(built[-1].fit_ids) and set(built[-1].fit_ids) <= set(seen)
+    assert out["attacks"][name]["metrics"]["auc"]["value"] >= 0.8
