@@ -37,14 +37,33 @@ class GenerationAPI:
     encoder: str = ""
     passes_per_image: float = 0.0  # UNet passes of one generate() image: sampler steps (x 2 with guidance)
     counts: dict[str, int] = field(default_factory=lambda: {"images": 0, "variations": 0, "passes": 0})
+    cache_bytes: int = 512 * 2**20  # generations kept by (prompt, seed): attacks asking the same image share it
+    _cache: dict = field(default_factory=dict, repr=False)
 
     def images(self, prompts: Sequence[str], seeds: Sequence[int]) -> Images:
+        """One image per (prompt, seed). Counts are what was asked (an attack's cost), even when the image was already
+        generated for another attack with the same public seed and is served from the cache."""
         if len(prompts) != len(seeds):
             raise DataError(f"generate: {len(prompts)} prompts and {len(seeds)} seeds; one seed per image")
-        out = _checked(self.generate(list(prompts), [int(s) for s in seeds]), len(prompts), "generate")
+        keys = [(str(p), int(s)) for p, s in zip(prompts, seeds)]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._cache]
+        fresh = {}
+        if todo:
+            made = _checked(self.generate([p for p, _ in todo], [s for _, s in todo]), len(todo), "generate")
+            fresh = dict(zip(todo, made))
+            used = sum(v.numel() * 4 for v in self._cache.values())
+            for k, v in fresh.items():
+                if used + v.numel() * 4 <= self.cache_bytes:
+                    self._cache[k] = v
+                    used += v.numel() * 4
+        out = torch.stack([fresh[k] if k in fresh else self._cache[k] for k in keys])
         self.counts["images"] += len(prompts)
         self.counts["passes"] += int(round(self.passes_per_image * len(prompts)))
         return out
+
+    def clear_cache(self) -> None:
+        """Forget cached generations: the runner calls it before each release, which may be another model."""
+        self._cache.clear()
 
     def variations(self, images: Images, prompts: Sequence[str], t: int, stride: int, seeds: Sequence[int]) -> Images:
         if self.vary is None:

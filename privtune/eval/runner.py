@@ -359,6 +359,8 @@ def run_release_attacks(
     results: dict[str, Any] = {}
     by_release: dict[str, dict[str, dict]] = {r.name: {} for r in releases}
     for release in releases:
+        if getattr(release.target, "generation", None) is not None:
+            release.target.generation.clear_cache()  # one API may front another model in this release's context
         for name in attack_names:
             attack = build_attack(name, attack_params.get(name), seed)
             entry = _attack_release(name, attack, release, split, cal_ids, report, report_labels,

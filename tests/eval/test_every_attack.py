@@ -302,3 +302,20 @@ def test_blackbox_learned_parts_never_see_a_report_sample(name, alphas_cumprod, 
     assert seen and not set(seen) & report
     assert set(built[-1].fit_ids) and set(built[-1].fit_ids) <= set(seen)
     assert out["attacks"][name]["metrics"]["auc"]["value"] >= 0.8
+
+
+def test_generation_api_serves_a_repeated_image_from_its_cache_and_still_counts_it():
+    from privtune.eval.generation import GenerationAPI
+
+    calls = []
+
+    def generate(prompts, seeds):
+        calls.append(len(prompts))
+        return torch.stack([torch.full((3, 4, 4), float(s % 7) / 7) for s in seeds])
+
+    api = GenerationAPI(generate=generate, embed=pooled_embed, passes_per_image=10)
+    first = api.images(["a", "b", "a"], [1, 2, 1])
+    again = api.images(["b", "c"], [2, 3])
+    assert calls == [2, 1]  # ("a", 1) once, ("b", 2) from the cache
+    assert torch.equal(first[1], again[0]) and torch.equal(first[0], first[2])
+    assert api.counts["images"] == 5 and api.counts["passes"] == 50  # the cost asked for, cached or not

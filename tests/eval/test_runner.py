@@ -130,3 +130,37 @@ def test_shadow_fits_learned_parts_on_disjoint_data_only(alphas_cumprod, members
     with pytest.raises(DataError, match="shadow-model samples are also target samples"):
         run_attacks(target_for(members), members, nonmembers, ["gsa1"], {"gsa1": {"n_timesteps": 3}}, progress=False,
                     shadow=leaky)
+
+
+def test_cached_generations_never_cross_from_one_release_to_another(alphas_cumprod):
+    """Two releases behind one generation API (DualMD's adapters switch in their contexts): each release's black-box
+    attack sees its own model's images, never the other's from the cache."""
+    from contextlib import contextmanager
+
+    from privtune.eval.attacks import AttackTarget
+    from privtune.eval.generation import GenerationAPI
+    from privtune.eval.runner import Release, run_release_attacks
+
+    from .oracles import IgnorantGenerator, MemorizingGenerator, pooled_embed
+    from .test_every_attack import image_samples
+
+    members, nonmembers = image_samples(16, "m", 91), image_samples(16, "n", 92)
+    models = {"memorizing": MemorizingGenerator(members.pixels, members.captions),
+              "ignorant": IgnorantGenerator(members.pixels, members.captions)}
+    live = {"model": "memorizing"}
+    api = GenerationAPI(generate=lambda p, s: models[live["model"]].generate(p, s), embed=pooled_embed)
+    target = AttackTarget(lambda x, t, c: None, alphas_cumprod, generation=api)
+
+    @contextmanager
+    def using(name):
+        before, live["model"] = live["model"], name
+        try:
+            yield
+        finally:
+            live["model"] = before
+
+    releases = [Release(n, target, context=lambda n=n: using(n)) for n in ("memorizing", "ignorant")]
+    out = run_release_attacks(releases, members, nonmembers, ["pang_wang"], {"pang_wang": {"model": "threshold"}},
+                              n_bootstrap=20, progress=False)
+    assert out["attacks"]["pang_wang@memorizing"]["metrics"]["auc"]["value"] >= 0.9
+    assert out["attacks"]["pang_wang@ignorant"]["metrics"]["auc"]["value"] <= 0.8
