@@ -171,3 +171,33 @@ class IgnorantGenerator(MemorizingGenerator):
 def pooled_embed(images):
     """A fixed stand-in for an image encoder: 4x4 average-pooled pixels, flattened ([N, 48])."""
     return torch.nn.functional.adaptive_avg_pool2d(images.float(), 4).flatten(1).numpy()
+
+
+def image_samples(n, prefix, seed):
+    """n query samples for black-box attacks: smooth random images [n,3,32,32] in [-1,1] with distinct captions
+    (latents and conditions are zeros: a black-box attack must not read them)."""
+    from privtune.eval.attacks import EncodedSamples
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = (0.6 * torch.randn(n, 3, 8, 8, generator=g)).repeat_interleave(4, -2).repeat_interleave(4, -1).clamp(-1, 1)
+    captions = [f"{prefix} portrait number {i}" for i in range(n)]
+    return EncodedSamples(torch.zeros(n, 4, 8, 8), torch.zeros(n, 8, 16), [f"{prefix}{i}" for i in range(n)],
+                          captions=captions, pixels=pixels)
+
+
+class NoNoisePredictions:
+    """A predictor that fails the test if called: what a black-box attack's target is given."""
+
+    def __call__(self, x, t, cond):
+        raise AssertionError("a black-box attack queried a noise prediction")
+
+
+def blackbox_target(generator, alphas_cumprod=None, passes_per_image: int = 50):
+    """A target exposing only a generation API over `generator` (no UNet, decoder or text encoder)."""
+    from privtune.eval.attacks import AttackTarget
+    from privtune.eval.generation import GenerationAPI
+
+    api = GenerationAPI(generate=generator.generate, vary=generator.vary, embed=pooled_embed, encoder="pooled pixels",
+                        passes_per_image=passes_per_image)
+    alphas = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64) if alphas_cumprod is None else alphas_cumprod
+    return AttackTarget(NoNoisePredictions(), alphas, generation=api)

@@ -6,15 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-import privtune.eval.attacks.pang_wang  # noqa: F401  (registers "pang_wang")
-import privtune.eval.attacks.wu  # noqa: F401  (registers "wu")
 from privtune.errors import ConfigError
 from privtune.eval.attacks import ATTACKS, AttackTarget, EncodedSamples, missing_requirements
 from privtune.eval.attacks.base import CalibrationPart, member_labels
-from privtune.eval.generation import GenerationAPI
 from privtune.eval.metrics import auc
 
-from .oracles import IgnorantGenerator, MemorizingGenerator, pooled_embed
+from . import oracles
+from .oracles import IgnorantGenerator, MemorizingGenerator, image_samples
 
 PASSES_PER_IMAGE = 50
 CASES = {
@@ -30,22 +28,8 @@ def _attack(case, **extra):
     return ATTACKS.get(case.split("/")[0])(**CASES[case], **extra)
 
 
-def _raise(x, t, cond):
-    raise AssertionError("a black-box attack queried a noise prediction")
-
-
-def image_samples(n, prefix, seed):
-    g = torch.Generator().manual_seed(seed)
-    pixels = (0.6 * torch.randn(n, 3, 8, 8, generator=g)).repeat_interleave(4, -2).repeat_interleave(4, -1).clamp(-1, 1)
-    captions = [f"{prefix} portrait number {i}" for i in range(n)]
-    return EncodedSamples(torch.zeros(n, 4, 8, 8), torch.zeros(n, 8, 16), [f"{prefix}{i}" for i in range(n)],
-                          captions=captions, pixels=pixels)
-
-
 def blackbox_target(generator):
-    api = GenerationAPI(generate=generator.generate, embed=pooled_embed, vary=generator.vary, encoder="pooled pixels",
-                        passes_per_image=PASSES_PER_IMAGE)
-    return AttackTarget(predictor=_raise, alphas_cumprod=torch.linspace(0.999, 0.01, 1000), generation=api)
+    return oracles.blackbox_target(generator, passes_per_image=PASSES_PER_IMAGE)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +128,7 @@ def test_settings_are_checked():
                       ("pang_wang", {"model": "svm"}), ("pang_wang", {"covariance": "full"}), ("pang_wang", {"n": 0})]:
         with pytest.raises(ConfigError):
             ATTACKS.get(name)(**bad)
-    gray = AttackTarget(_raise, torch.linspace(0.999, 0.01, 1000))
+    gray = AttackTarget(oracles.NoNoisePredictions(), torch.linspace(0.999, 0.01, 1000))
     for name in ("wu", "pang_wang"):
         assert any("generation API" in m for m in missing_requirements(ATTACKS.get(name), gray, image_samples(2, "x", 0)))
         with pytest.raises(ConfigError):

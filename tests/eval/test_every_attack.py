@@ -12,7 +12,9 @@ from privtune.eval.attacks import ATTACKS, AttackTarget, EncodedSamples, missing
 from privtune.eval.attacks.base import member_labels
 from privtune.eval.metrics import auc
 
-from .oracles import GaussianOracle, MemorizingOracle, OracleUNet, TextEncoder, pooled_embed, upsample_decode
+from . import oracles
+from .oracles import (GaussianOracle, MemorizingOracle, OracleUNet, TextEncoder, image_samples, pooled_embed,
+                      upsample_decode)
 
 # fast settings, and the UNet evaluations per scored sample the spec gives for them
 ORACLE_TABLE = {
@@ -100,11 +102,18 @@ LEARNED = sorted(n for n in ORACLE_TABLE if ATTACKS.get(n).learned)
 def test_learned_parts_never_see_a_report_sample(name, alphas_cumprod, monkeypatch):
     """Through the runner, an attack's learned part is fitted on calibration samples only (what `calibrate` is given
     and what it says it fitted on), never on the report half."""
-    from privtune.eval import runner
 
     encode = TextEncoder()
     members, nonmembers = dataset(16, "m", 1, encode), dataset(16, "n", 2, encode)
     target = full_target(MemorizingOracle(members.latents, alphas_cumprod, conds=members.cond), alphas_cumprod, encode)
+    assert_fitted_on_calibration_only(target, members, nonmembers, name, ORACLE_TABLE[name][0], monkeypatch)
+
+
+def assert_fitted_on_calibration_only(target, members, nonmembers, name, params, monkeypatch) -> dict:
+    """Runs `name` through the runner with calibrate() spied on: what it was given and what it says it fitted on
+    are calibration samples, never report ones. Returns the runner's output."""
+    from privtune.eval import runner
+
     seen, built = [], []
     real_build = runner.build_attack
 
@@ -121,11 +130,12 @@ def test_learned_parts_never_see_a_report_sample(name, alphas_cumprod, monkeypat
         return attack
 
     monkeypatch.setattr(runner, "build_attack", spy)
-    out = runner.run_attacks(target, members, nonmembers, [name], {name: ORACLE_TABLE[name][0]}, batch_size=16,
-                             n_bootstrap=20, progress=False)
+    out = runner.run_attacks(target, members, nonmembers, [name], {name: params}, batch_size=16, n_bootstrap=20,
+                             progress=False)
     report = set(out["attacks"][name]["samples"]["ids"])
     assert seen and not set(seen) & report
     assert set(built[-1].fit_ids) and set(built[-1].fit_ids) <= set(seen)
+    return out
 
 
 def test_runner_refuses_an_attack_that_fitted_on_a_report_sample(alphas_cumprod, members, nonmembers, monkeypatch):
@@ -210,25 +220,8 @@ def test_pooled_shadows_fit_once_on_every_models_own_samples(name, alphas_cumpro
 
 
 # ------------------------------------------------------------------ black-box attacks, against generator oracles
-class _NoNoisePredictions:
-    def __call__(self, x, t, cond):
-        raise AssertionError("a black-box attack queried a noise prediction")
-
-
-def image_samples(n, prefix, seed):
-    g = torch.Generator().manual_seed(seed)
-    pixels = (0.6 * torch.randn(n, 3, 8, 8, generator=g)).repeat_interleave(4, -2).repeat_interleave(4, -1).clamp(-1, 1)
-    captions = [f"{prefix} portrait number {i}" for i in range(n)]
-    return EncodedSamples(torch.zeros(n, 4, 8, 8), torch.zeros(n, 8, 16), [f"{prefix}{i}" for i in range(n)],
-                          captions=captions, pixels=pixels)
-
-
 def blackbox_target(generator, alphas_cumprod):
-    from privtune.eval.generation import GenerationAPI
-
-    api = GenerationAPI(generate=generator.generate, vary=generator.vary, embed=pooled_embed, encoder="pooled pixels",
-                        passes_per_image=PASSES_PER_IMAGE)
-    return AttackTarget(_NoNoisePredictions(), alphas_cumprod, generation=api)  # nothing else: no UNet, no decoder
+    return oracles.blackbox_target(generator, alphas_cumprod, PASSES_PER_IMAGE)
 
 
 def blackbox_auc(name, target, members, nonmembers, half):
@@ -266,7 +259,7 @@ def test_blackbox_attack_is_chance_on_a_generator_that_ignores_its_training_set(
 
 def test_a_blackbox_attack_needs_the_generation_api(alphas_cumprod):
     members = image_samples(4, "m", 1)
-    gray = AttackTarget(_NoNoisePredictions(), alphas_cumprod)
+    gray = AttackTarget(oracles.NoNoisePredictions(), alphas_cumprod)
     for name in BLACKBOX_TABLE:
         assert any("generation API" in m for m in missing_requirements(ATTACKS.get(name), gray, members)), name
 
@@ -274,33 +267,11 @@ def test_a_blackbox_attack_needs_the_generation_api(alphas_cumprod):
 @pytest.mark.parametrize("name", sorted(n for n in BLACKBOX_TABLE if ATTACKS.get(n).learned or n == "miagm"))
 def test_blackbox_learned_parts_never_see_a_report_sample(name, alphas_cumprod, monkeypatch):
     """Through the runner, a black-box attack's classifier is fitted on calibration samples only."""
-    from privtune.eval import runner
-
     from .oracles import MemorizingGenerator
 
     members, nonmembers = image_samples(16, "m", 81), image_samples(16, "n", 82)
     target = blackbox_target(MemorizingGenerator(members.pixels, members.captions), alphas_cumprod)
-    seen, built = [], []
-    real_build = runner.build_attack
-
-    def spy(*args, **kwargs):
-        attack = real_build(*args, **kwargs)
-        calibrate = attack.calibrate
-
-        def recording(tg, m, n, **kw):
-            seen.extend(m.ids + n.ids)
-            return calibrate(tg, m, n, **kw)
-
-        attack.calibrate = recording
-        built.append(attack)
-        return attack
-
-    monkeypatch.setattr(runner, "build_attack", spy)
-    out = runner.run_attacks(target, members, nonmembers, [name], {name: BLACKBOX_TABLE[name][0]}, batch_size=16,
-                             n_bootstrap=20, progress=False)
-    report = set(out["attacks"][name]["samples"]["ids"])
-    assert seen and not set(seen) & report
-    assert set(built[-1].fit_ids) and set(built[-1].fit_ids) <= set(seen)
+    out = assert_fitted_on_calibration_only(target, members, nonmembers, name, BLACKBOX_TABLE[name][0], monkeypatch)
     assert out["attacks"][name]["metrics"]["auc"]["value"] >= 0.8
 
 

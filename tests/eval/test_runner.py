@@ -141,8 +141,7 @@ def test_cached_generations_never_cross_from_one_release_to_another(alphas_cumpr
     from privtune.eval.generation import GenerationAPI
     from privtune.eval.runner import Release, run_release_attacks
 
-    from .oracles import IgnorantGenerator, MemorizingGenerator, pooled_embed
-    from .test_every_attack import image_samples
+    from .oracles import IgnorantGenerator, MemorizingGenerator, image_samples, pooled_embed
 
     members, nonmembers = image_samples(16, "m", 91), image_samples(16, "n", 92)
     models = {"memorizing": MemorizingGenerator(members.pixels, members.captions),

@@ -20,6 +20,46 @@ from ..primitives import sample_seed
 from .base import Attack, AttackScores, AttackTarget, EncodedSamples, missing_requirements
 
 
+def checked_mlp_settings(name: str, hidden, epochs, learning_rate, l2, val_fraction) -> tuple:
+    """(hidden sizes, epochs, learning rate, L2, held-out fraction) of an attack's MLP, each checked."""
+    sizes = [int(h) for h in hidden]
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"{name}: hidden must be positive layer sizes, got {list(hidden)}")
+    if int(epochs) < 1 or float(learning_rate) <= 0 or float(l2) < 0:
+        raise ConfigError(f"{name}: needs epochs >= 1, learning_rate > 0 and l2 >= 0")
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise ConfigError(f"{name}: val_fraction must be in (0, 1), got {val_fraction}")
+    return sizes, int(epochs), float(learning_rate), float(l2), float(val_fraction)
+
+
+def fit_mlp(x: np.ndarray, y: np.ndarray, hidden, epochs: int, learning_rate: float, l2: float, seed: int):
+    """scikit-learn's ReLU MLPClassifier trained for exactly `epochs` full-batch Adam epochs (tol=0 with
+    n_iter_no_change=epochs never stops early, so no epoch is picked on anything: the Pang & Wang pitfall)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    model = MLPClassifier(hidden_layer_sizes=tuple(hidden), activation="relu", solver="adam", alpha=l2,
+                          learning_rate_init=learning_rate, max_iter=epochs, batch_size=len(x), tol=0.0,
+                          n_iter_no_change=epochs, early_stopping=False, random_state=seed % 2**32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y)
+    return model
+
+
+def mlp_logit(model, x: np.ndarray) -> np.ndarray:
+    """A fitted binary ReLU MLPClassifier's output before the logistic (the member logit): its forward pass from
+    the public `coefs_` / `intercepts_`, unsaturated where predict_proba would round to 0 or 1."""
+    h = x
+    for i, (w, b) in enumerate(zip(model.coefs_, model.intercepts_)):
+        h = h @ w + b
+        if i < len(model.coefs_) - 1:
+            h = np.maximum(h, 0.0)
+    return h[:, 0]
+
+
 def generation_seeds(seed: int, index: int, n: int, stream: str = "generation") -> list[int]:
     """The public seed of generation `index`, the same for all n queries."""
     return [sample_seed(seed, "", f"{stream}-{index}")] * n

@@ -38,14 +38,13 @@ encoder passes; `nfe_per_sample` is the UNet passes the API counted.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
 
 from ...errors import ConfigError, DataError
 from .base import ATTACKS, AttackScores, stratified_holdout
-from .blackbox import BlackBoxAttack, generation_seeds
+from .blackbox import BlackBoxAttack, checked_mlp_settings, fit_mlp, generation_seeds, mlp_logit
 
 MODELS = ("threshold", "distribution", "classifier")
 COVARIANCES = ("ledoit_wolf", "diagonal")
@@ -72,16 +71,6 @@ def _log_density(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray
     return -0.5 * (maha + logdet + x.shape[1] * np.log(2 * np.pi))
 
 
-def _mlp_logit(model, x: np.ndarray) -> np.ndarray:
-    """A fitted binary ReLU MLPClassifier's pre-logistic output, from its public weights (no saturation)."""
-    h = x
-    for i, (w, b) in enumerate(zip(model.coefs_, model.intercepts_)):
-        h = h @ w + b
-        if i < len(model.coefs_) - 1:
-            h = np.maximum(h, 0.0)
-    return h[:, 0]
-
-
 @ATTACKS.register("pang_wang")
 class PangWang(BlackBoxAttack):
     name = "pang_wang"
@@ -101,15 +90,8 @@ class PangWang(BlackBoxAttack):
             raise ConfigError(f"pang_wang: covariance must be one of {COVARIANCES}, got {covariance!r}")
         self.model, self.covariance = model, covariance
         self.statistic = STATISTICS[model]
-        self.hidden = [int(h) for h in hidden]
-        if not self.hidden or min(self.hidden) < 1:
-            raise ConfigError(f"pang_wang: hidden must be positive layer sizes, got {list(hidden)}")
-        self.epochs, self.learning_rate, self.l2 = int(epochs), float(learning_rate), float(l2)
-        if self.epochs < 1 or self.learning_rate <= 0 or self.l2 < 0:
-            raise ConfigError("pang_wang: needs epochs >= 1, learning_rate > 0 and l2 >= 0")
-        if not 0.0 < float(val_fraction) < 1.0:
-            raise ConfigError(f"pang_wang: val_fraction must be in (0, 1), got {val_fraction}")
-        self.val_fraction = float(val_fraction)
+        self.hidden, self.epochs, self.learning_rate, self.l2, self.val_fraction = checked_mlp_settings(
+            "pang_wang", hidden, epochs, learning_rate, l2, val_fraction)
         self._mean: np.ndarray | None = None
         self._std: np.ndarray | None = None
         self.scaler = None
@@ -162,7 +144,7 @@ class PangWang(BlackBoxAttack):
         if self.model == "distribution":
             llr = _log_density(x, *self.gaussians[1]) - _log_density(x, *self.gaussians[0])
             return llr, llr
-        logit = _mlp_logit(self.classifier, x)
+        logit = mlp_logit(self.classifier, x)
         return logit, logit
 
     def fit(self, features, labels, ids) -> AttackScores:
@@ -190,17 +172,7 @@ class PangWang(BlackBoxAttack):
         if self.model == "distribution":
             self.gaussians = {c: _gaussian(x[y == c], self.covariance) for c in (0, 1)}
         else:
-            from sklearn.exceptions import ConvergenceWarning
-            from sklearn.neural_network import MLPClassifier
-
-            # a fixed number of full-batch epochs: tol=0 with n_iter_no_change=epochs never stops early
-            self.classifier = MLPClassifier(hidden_layer_sizes=tuple(self.hidden), activation="relu", solver="adam",
-                                            alpha=self.l2, learning_rate_init=self.learning_rate, max_iter=self.epochs,
-                                            batch_size=len(fit), tol=0.0, n_iter_no_change=self.epochs,
-                                            early_stopping=False, random_state=self.seed % 2**32)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                self.classifier.fit(x, y)
+            self.classifier = fit_mlp(x, y, self.hidden, self.epochs, self.learning_rate, self.l2, self.seed)
         self.fit_ids, self.val_ids = [ids[i] for i in fit], [ids[i] for i in val]
         score, raw = self._member_score(held)
         self.val_auc = auc(score, labels[val])

@@ -30,7 +30,6 @@ a 50-step guided release), plus 1 + n encoder passes; `nfe_per_sample` is the UN
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 
 from ...errors import ConfigError, DataError
 from .base import ATTACKS, AttackScores, stratified_holdout
-from .blackbox import BlackBoxAttack, generation_seeds
+from .blackbox import BlackBoxAttack, checked_mlp_settings, fit_mlp, generation_seeds, mlp_logit
 
 FEATURES = ("pixel", "semantic")
 
@@ -47,17 +46,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity of two [N, D] arrays."""
     norm = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
     return (a * b).sum(-1) / np.maximum(norm, 1e-12)
-
-
-def mlp_logit(model, x: np.ndarray) -> np.ndarray:
-    """A fitted binary ReLU MLPClassifier's output before the logistic (the member logit): its forward pass from
-    the public `coefs_` / `intercepts_`, unsaturated where predict_proba would round to 0 or 1."""
-    h = x
-    for i, (w, b) in enumerate(zip(model.coefs_, model.intercepts_)):
-        h = h @ w + b
-        if i < len(model.coefs_) - 1:
-            h = np.maximum(h, 0.0)
-    return h[:, 0]
 
 
 @ATTACKS.register("wu")
@@ -76,15 +64,8 @@ class Wu(BlackBoxAttack):
         self.features = [str(f) for f in ([features] if isinstance(features, str) else features)]
         if not self.features or any(f not in FEATURES for f in self.features) or len(set(self.features)) != len(self.features):
             raise ConfigError(f"wu: features must be distinct names among {FEATURES}, got {list(self.features)}")
-        self.hidden = [int(h) for h in hidden]
-        if not self.hidden or min(self.hidden) < 1:
-            raise ConfigError(f"wu: hidden must be positive layer sizes, got {list(hidden)}")
-        self.epochs, self.learning_rate, self.l2 = int(epochs), float(learning_rate), float(l2)
-        if self.epochs < 1 or self.learning_rate <= 0 or self.l2 < 0:
-            raise ConfigError("wu: needs epochs >= 1, learning_rate > 0 and l2 >= 0")
-        if not 0.0 < float(val_fraction) < 1.0:
-            raise ConfigError(f"wu: val_fraction must be in (0, 1), got {val_fraction}")
-        self.val_fraction = float(val_fraction)
+        self.hidden, self.epochs, self.learning_rate, self.l2, self.val_fraction = checked_mlp_settings(
+            "wu", hidden, epochs, learning_rate, l2, val_fraction)
         self.scaler = None
         self.model = None
         self.fit_ids: list[str] = []
@@ -123,8 +104,6 @@ class Wu(BlackBoxAttack):
 
     # ------------------------------------------------------------------ the attack classifier
     def fit(self, features, labels, ids) -> AttackScores:
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.neural_network import MLPClassifier
         from sklearn.preprocessing import StandardScaler
 
         from ...rng import numpy_rng
@@ -134,15 +113,8 @@ class Wu(BlackBoxAttack):
         design = self._design(features)
         fit, val = stratified_holdout(labels, self.val_fraction, numpy_rng(self.seed, "wu", "holdout"), self.name)
         self.scaler = StandardScaler().fit(design[fit])
-        # a fixed number of full-batch epochs: tol=0 with n_iter_no_change=epochs never stops early
-        model = MLPClassifier(hidden_layer_sizes=tuple(self.hidden), activation="relu", solver="adam", alpha=self.l2,
-                              learning_rate_init=self.learning_rate, max_iter=self.epochs, batch_size=len(fit),
-                              tol=0.0, n_iter_no_change=self.epochs, early_stopping=False,
-                              random_state=self.seed % 2**32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(self.scaler.transform(design[fit]), labels[fit])
-        self.model = model
+        self.model = model = fit_mlp(self.scaler.transform(design[fit]), labels[fit], self.hidden, self.epochs,
+                                     self.learning_rate, self.l2, self.seed)
         self.fit_ids, self.val_ids = [ids[i] for i in fit], [ids[i] for i in val]
         logit = mlp_logit(model, self.scaler.transform(design[val]))
         self.val_auc = auc(logit, labels[val])
