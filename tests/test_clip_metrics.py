@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 
 from privtune.errors import ConfigError
@@ -69,3 +71,39 @@ def test_bad_clip_folder_is_refused_before_training(tmp_path, base_model, capsys
     run = tmp_path / "run"
     assert main(train_args(run, f"model.base={base_model}", "eval.enabled=true", f"eval.clip_model={target}")) == 2
     assert message in capsys.readouterr().err and not (run / "config.yaml").exists()
+
+
+def test_black_box_attacks_embed_with_a_local_clip_folder_on_a_real_checkpoint_path(clip_dir, base_model):
+    """A real checkpoint (no embedded benchmark): the generation API's encoder is the named local CLIP folder, and
+    pipeline generations and img2img variations come back as images it can embed."""
+    import torch
+
+    from privtune.eval.generation import image_encoder, pipeline_api
+    from privtune.eval.primitives import UNetPredictor
+    from privtune.eval.stage import pipeline_for
+
+    comps = load_tiny(base_model)
+    embed, what = image_encoder(None, str(clip_dir))
+    assert "CLIP" in what
+    api = pipeline_api(pipeline_for(comps, comps.unet), comps, UNetPredictor(comps.unet), embed, what, steps=2,
+                       guidance=2.0, device="cpu")
+    images = api.images(["a portrait", "a portrait"], [1, 2])
+    assert images.shape[:2] == (2, 3) and images.min() >= -1 and images.max() <= 1
+    assert not torch.equal(images[0], images[1])  # two seeds, two images
+    varied = api.variations(images, ["a portrait"] * 2, t=20, stride=10, seeds=[3, 3])
+    assert varied.shape == images.shape
+    feats = api.features(torch.cat([images, varied]))
+    assert feats.shape == (4, 16) and np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-4)
+    assert api.counts == {"images": 2, "variations": 2, "passes": 2 * 2 * 2 + 2 * 2}
+
+
+def test_black_box_attacks_without_an_offline_encoder_name_the_missing_weights():
+    from privtune.eval.attacks import ATTACKS, AttackTarget, missing_requirements
+    from privtune.eval.generation import image_encoder
+
+    import torch
+
+    with pytest.raises(ConfigError, match="eval.clip_model"):
+        image_encoder(None, None)
+    gray = AttackTarget(lambda x, t, c: x, torch.linspace(0.99, 0.01, 10))
+    assert any("eval.clip_model" in m for m in missing_requirements(ATTACKS.get("pang_wang"), gray))

@@ -202,7 +202,8 @@ REQUIREMENTS = {
     "pixels": "the images and the target's VAE decoder (samples.pixels, target.decode)",
     "white_box": "the attacked network's weights and autograd (target.unet)",
     "generation": "the release's generation API, an offline image encoder and the query images and captions "
-                  "(target.generation, samples.pixels, samples.captions)",
+                  "(target.generation, samples.pixels, samples.captions; for a real checkpoint the encoder is a local "
+                  "CLIP folder: set eval.clip_model)",
     "variation": "an image-variation (img2img) API (target.generation.vary)",
 }
 
