@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .config import flat, load_config, merge_strict, to_container
-from .errors import ConfigError, DataError, PrivtuneError
+from .errors import ConfigError, DataError, PrivtuneError, run_command
 
 HELP = """usage: python -m privtune.evaluate run=<run dir> [eval.attacks=[loss,secmi,pia] eval.KEY=VALUE ...]
        python -m privtune.evaluate model=<base> lora=<lora folder> members=<split.json | image folder>
@@ -214,20 +214,13 @@ def own_out(argv) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or any(a in ("-h", "--help", "help") for a in argv):
-        print(HELP)
-        return 0
-    try:
-        report = evaluate(argv)
-    except PrivtuneError as exc:
-        print(f"privtune: error: {exc}", file=sys.stderr)
-        return 2
+    code, report = run_command(evaluate, argv, HELP)
     if report is not None:
         best = report.get("summary", {}).get("best_attack", {})
         auc = best.get("auc", {})
         print(f"privtune: best attack {best.get('name')}: AUC {auc.get('value', float('nan')):.3f} "
               f"[{', '.join(f'{v:.3f}' for v in auc.get('ci', []))}]; report in {own_out(argv)}")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -260,6 +260,9 @@ def render_card(report: Mapping[str, Any], *, base_model: str, license: str, rep
         base_name = (comp.get("baseline") or {}).get("defense") or "baseline"
         out += [f"Against the undefended baseline ({base_name}): best AUC {fmt(b.get('run'))} vs "
                 f"{fmt(b.get('baseline'))} (change {'n/a' if b.get('delta') is None else format(b['delta'], '+.3f')}).", ""]
+    threats = [entry["card"] for entry in (report.get("threats") or {}).values()]
+    if threats:
+        out += ["### Other attacks", "", *[f"- {line}" for line in threats], ""]
     util = utility_section(report, run_name="This model", baseline_name="Undefended baseline")
     out += ["### Utility", "", util or "No utility numbers were computed.", ""]
     out += ["### Evaluation data", "", f"- Split sizes: {fmt_settings(split)}"]

@@ -414,6 +414,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     out += ["## Utility", "", util or "No utility numbers were computed.", ""]
     out += ["## Privacy", "", *[f"- {line}" for line in privacy_lines(report.get("privacy"))], ""]
     out += memorization_lines(report)
+    out += threat_lines(report)
     comp = report.get("comparison")
     if comp:
         b, base = comp.get("best_auc") or {}, comp.get("baseline") or {}
@@ -565,8 +566,38 @@ def plot_scores(name: str, attack: Mapping[str, Any], path: Path) -> Path | None
     return _save(fig, path)
 
 
+THREATS_DIR = "threats"
+
+
+def attach_threats(run_dir, report: dict) -> dict:
+    """report["threats"] from `run_dir/threats/*.json`, the results of the standalone attacks (gradient inversion,
+    property inference, SIDE: `{"title", "markdown": [lines], "card": line}` each), so a re-evaluation keeps them."""
+    found = {}
+    for path in sorted((Path(run_dir) / THREATS_DIR).glob("*.json")):
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("markdown"), list) and isinstance(entry.get("card"), str):
+            found[path.stem] = {"title": entry.get("title", path.stem), "markdown": entry["markdown"], "card": entry["card"]}
+    if found:
+        report["threats"] = found
+    else:
+        report.pop("threats", None)
+    return report
+
+
+def threat_lines(report: Mapping[str, Any]) -> list[str]:
+    """report.md sections of the standalone attacks, after the membership-inference ones."""
+    out = []
+    for entry in (report.get("threats") or {}).values():
+        out += [*entry["markdown"], ""]
+    return out
+
+
 def write_report(run_dir, report: dict) -> dict[str, Path]:
-    """report.json, report.md and plots/*.png under `run_dir`, each written atomically.
+    """report.json, report.md and plots/*.png under `run_dir`, each written atomically; the standalone attacks'
+    results in `run_dir/threats/` join the report first (`attach_threats`).
 
     Returns {"report_json", "report_md", "roc", "scores_<attack>"...: path}; plots that cannot be
     drawn (no per-sample scores) are left out. Histograms of attacks no longer in the report are removed.
@@ -574,6 +605,7 @@ def write_report(run_dir, report: dict) -> dict[str, Path]:
     run_dir = Path(run_dir)
     plots_dir = run_dir / PLOTS_DIR
     paths: dict[str, Path] = {}
+    attach_threats(run_dir, report)
     atomic_write_json(run_dir / REPORT_JSON, report)
     paths["report_json"] = run_dir / REPORT_JSON
     atomic_write_text(run_dir / REPORT_MD, render_markdown(report))

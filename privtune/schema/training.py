@@ -214,6 +214,21 @@ class MemorizationFilter(Section):
 
 
 @dataclass
+class PriSampler(Section):
+    lam: float = option(0.0, "Hu & Pang: eps = (1 - lam) eps_model + lam eps_aux at every sampling step; 0 = off")
+    aux: Optional[str] = option(None, "the auxiliary LoRA folder (a LoRA trained on rows whose property share is the owner's "
+                                      "target_proportion)")
+    target_proportion: Optional[float] = option(None, "p*, the property share of the auxiliary LoRA's rows (recorded, not used)")
+
+    def check(self) -> None:
+        self.within("lam", 0, 1, "[]")
+        self.require(self.target_proportion is None or 0 <= self.target_proportion <= 1, "target_proportion",
+                     "null or a proportion in [0, 1]")
+        self.require(not (self.lam > 0 and not self.aux), "aux",
+                     "the auxiliary run's lora/ folder when lam > 0 (a LoRA trained on rows with the target proportion)")
+
+
+@dataclass
 class Sampling(Section):
     wen_prompt_optimization: bool = option(False, "Wen et al.: optimise the prompt embedding on the first sampling step")
     wen_target_loss: Optional[float] = option(None, "early stop of the prompt optimisation; null = 3 (paper, SD 4x64x64 latent) "
@@ -223,6 +238,8 @@ class Sampling(Section):
     ren_mitigation: bool = option(False, "Ren et al.: summary-token masking + BOS re-weighting in cross-attention")
     ren_bos_scale: float = option(1.25, "c1, multiplies the BOS logit of the conditional branch")
     ren_mask_summary: bool = option(True, "attention to positions >= prompt length (padding / summary tokens) set to 0")
+    prisampler: PriSampler = section(PriSampler, "PriSampler (Hu & Pang 2023), the property-inference defense: an auxiliary "
+                                                 "LoRA's prediction mixed into every sampling step")
 
     def check(self) -> None:
         self.positive("wen_target_loss", "wen_lr", "ren_bos_scale")
