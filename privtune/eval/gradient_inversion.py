@@ -135,11 +135,13 @@ def match_loss(grads: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) ->
     return torch.stack(terms).sum()
 
 
-def _optimise(unet, scheduler, states, target, params, z, eps, t, iterations, lr, learn_eps) -> float:
+def _optimise(unet, scheduler, states, target, params, z, eps, t, iterations, lr, learn_eps, bar: str | None = None) -> float:
+    from tqdm.auto import tqdm
+
     leaves = [z, eps] if learn_eps else [z]
     opt = torch.optim.Adam(leaves, lr=lr)
     loss = torch.tensor(float("nan"))
-    for _ in range(iterations):
+    for _ in tqdm(range(iterations), desc=bar, disable=bar is None, leave=False, dynamic_ncols=True):
         opt.zero_grad()
         loss = match_loss(_grads(unet, scheduler, z, states, eps, t, params, create_graph=True), target)
         loss.backward()
@@ -148,7 +150,7 @@ def _optimise(unet, scheduler, states, target, params, z, eps, t, iterations, lr
 
 
 def invert(unet, scheduler, states: torch.Tensor, target: Sequence[torch.Tensor], latent_shape, cfg: InversionConfig,
-           noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None) -> dict:
+           noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None, bar: str | None = None) -> dict:
     """Reconstructed latents of a batch from its shared gradient. GIDM needs `noise` and `timesteps`; GIDM+
     ignores them. Returns latents, the noise / timesteps it used and the final matching loss."""
     cfg.check()
@@ -162,7 +164,7 @@ def invert(unet, scheduler, states: torch.Tensor, target: Sequence[torch.Tensor]
             if noise is None or timesteps is None:
                 raise ConfigError("GIDM needs the client's noise and timesteps; use mode=gidm+ when they are unknown")
             eps, t = noise.detach(), timesteps.detach().long()
-            loss = _optimise(unet, scheduler, states, target, params, z, eps, t, cfg.iterations, cfg.lr, False)
+            loss = _optimise(unet, scheduler, states, target, params, z, eps, t, cfg.iterations, cfg.lr, False, bar)
         else:
             eps = torch.randn((b, *latent_shape), generator=gen).requires_grad_(True)
             grid = torch.linspace(0, T - 1, cfg.t_candidates + 2)[1:-1].round().long()
@@ -175,11 +177,12 @@ def invert(unet, scheduler, states: torch.Tensor, target: Sequence[torch.Tensor]
                     trial = t.clone()
                     trial[i] = cand
                     zi, ei = start_z.clone().requires_grad_(True), start_eps.clone().requires_grad_(True)
-                    lval = _optimise(unet, scheduler, states, target, params, zi, ei, trial, cfg.screen_iterations, cfg.lr, True)
+                    lval = _optimise(unet, scheduler, states, target, params, zi, ei, trial, cfg.screen_iterations, cfg.lr, True,
+                                     None if bar is None else f"{bar}: screen t={cand} (sample {i})")
                     screened.append({"sample": i, "t": int(cand), "loss": lval})
                     best = min(best, (lval, int(cand)))
                 t[i] = best[1]
-            loss = _optimise(unet, scheduler, states, target, params, z, eps, t, cfg.iterations, cfg.lr, True)
+            loss = _optimise(unet, scheduler, states, target, params, z, eps, t, cfg.iterations, cfg.lr, True, bar)
     out = {"latents": z.detach(), "noise": eps.detach(), "timesteps": t.detach(), "match_loss": loss}
     if cfg.mode == "gidm+":
         out["screened"] = screened
@@ -249,7 +252,7 @@ def attack_batch(components, unet, z0: torch.Tensor, states: torch.Tensor, defen
         for mode in modes:
             start = time.perf_counter()
             run = invert(unet, components.noise_scheduler, states, shared, z0.shape[1:], InversionConfig(**{**asdict(cfg), "mode": mode}),
-                         noise=noise, timesteps=t)
+                         noise=noise, timesteps=t, bar=f"{dp.name} / {mode}" if progress else None)
             rec = pixels(run["latents"])
             s = image_scores(rec, truth)
             extra = {"psnr_per_image": s["psnr_per_image"], "ssim_per_image": s["ssim_per_image"]}
