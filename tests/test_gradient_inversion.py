@@ -127,3 +127,14 @@ def test_cli_publishes_into_report_and_card(tmp_path, base_model):
     assert evaluate_main([f"run={run}", "overwrite=true", *fast_eval[1:]]) == 0
     assert "gradient_inversion" in json.loads((run / "report.json").read_text())["threats"]
     assert "Gradient inversion (GIDM)" in (run / "lora" / "README.md").read_text()
+
+
+def test_card_reports_the_strongest_mode_on_the_runs_own_update():
+    def row(name, mode, psnr, sigma=0.0):
+        return {"defense": {"name": name, "max_grad_norm": 0.05 if sigma else None, "noise_multiplier": sigma, "epsilon": None},
+                "mode": mode, "psnr": psnr, "ssim": psnr / 40, "chance_psnr": 10.0, "chance_ssim": 0.1}
+
+    result = {"settings": {"batch": 2, "own": "none"},
+              "rows": [row("none", "gidm", 15.0), row("none", "gidm+", 18.0), row("DP eps=8", "gidm", 30.0, 2.0)]}
+    line = gi.card_line(result)
+    assert "GIDM+" in line and "18.0 dB" in line and "no clipping or noise" in line
