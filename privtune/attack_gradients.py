@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from .errors import ConfigError, run_command
+from .threat_cli import number as _number
+from .threat_cli import open_run, parse_keys
 
 HELP = __doc__ + """
 keys: run=<run dir> (required)  batch=<images, default 2>  modes=<gidm,gidm+>  epsilons=<comma list, default 64,8,1>
@@ -26,27 +26,6 @@ keys: run=<run dir> (required)  batch=<images, default 2>  modes=<gidm,gidm+>  e
 """
 KEYS = ("run", "batch", "modes", "epsilons", "iterations", "lr", "t_candidates", "screen_iterations", "seed", "max_grad_norm")
 NAME = "gradient_inversion"
-
-
-def _parse(argv) -> dict:
-    own = {}
-    for arg in argv:
-        if "=" not in arg:
-            raise ConfigError(f"cannot read argument {arg!r}; write key=value (see --help)")
-        key, value = arg.split("=", 1)
-        if key not in KEYS:
-            raise ConfigError(f"unknown key {key!r}; use one of {', '.join(KEYS)}")
-        own[key] = value
-    if "run" not in own:
-        raise ConfigError("run=<run dir> is required: the run whose model and members are attacked")
-    return own
-
-
-def _number(own, key, kind, default):
-    try:
-        return kind(own.get(key, default))
-    except ValueError as exc:
-        raise ConfigError(f"{key}={own[key]!r} is not a {kind.__name__}") from exc
 
 
 def _defenses(cfg, n: int, privacy, epsilons, max_grad_norm):
@@ -90,25 +69,10 @@ def attack(argv) -> dict:
 
     from .eval.encode import encode_records
     from .eval.gradient_inversion import InversionConfig, attack_batch, card_line, markdown_lines, to_dict
-    from .eval.stage import base_model_name
-    from .eval.threats import publish_threat
-    from .evaluate import _split, read_privacy, with_current_defaults
     from .logging_utils import quiet_libraries
-    from .models.dualmd import is_dualmd_export
-    from .models.loading import freeze, load_components
-    from .models.lora import load_lora
 
     quiet_libraries()
-    own = _parse(argv)
-    run = Path(own["run"])
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"run={run} is not a privtune run folder (no config.yaml); pass a folder written by privtune.train")
-    lora_dir = run / "lora"
-    if not any(lora_dir.glob("*.safetensors")):
-        raise ConfigError(f"{lora_dir} holds no LoRA weights; finish the run (or resume it) before attacking its updates")
-    if is_dualmd_export(lora_dir):
-        raise ConfigError("a DualMD release holds two adapters; gradient inversion attacks one LoRA's update: "
-                          "train a plain run, or attack each adapter's training run")
+    own = parse_keys(argv, KEYS)
     modes = [m.strip() for m in own.get("modes", "gidm").split(",") if m.strip()]
     try:
         epsilons = [float(e) for e in own.get("epsilons", "64,8,1").split(",") if e.strip()]
@@ -129,19 +93,15 @@ def attack(argv) -> dict:
     if mgn is not None and not mgn > 0:
         raise ConfigError(f"max_grad_norm must be > 0 (got {mgn})")
 
-    cfg = with_current_defaults(OmegaConf.load(run / "config.yaml"))
-    privacy = read_privacy(run)
-    split = _split(cfg, {}, run)
+    target = open_run(own["run"], "gradient inversion")
+    cfg, privacy, split, run = target.cfg, target.privacy, target.split, target.path
     defenses, own_name, dp_info = _defenses(cfg, len(split.members), privacy, epsilons, mgn)
     if batch > len(split.members):
         raise ConfigError(f"batch={batch} exceeds the run's {len(split.members)} members")
     gen = torch.Generator().manual_seed(cfg_inv.seed)
     chosen = [split.members[i] for i in torch.randperm(len(split.members), generator=gen)[:batch].tolist()]
 
-    components = load_components(cfg.model)
-    freeze(components.vae, components.text_encoder, components.unet)
-    load_lora(components, lora_dir)
-    components.unet.eval()
+    components = target.load_components()
     enc = encode_records(components, chosen, int(cfg.data.resolution), torch.device("cpu"))
     start = time.perf_counter()
 
@@ -156,11 +116,8 @@ def attack(argv) -> dict:
                 "seconds": round(time.perf_counter() - start, 1)}
     result = to_dict(rows, settings)
     save_grid(images, run / "plots" / f"{NAME}.png")
-    forbidden = [r.caption for r in split.members + split.nonmembers] + [r.id for r in split.members + split.nonmembers]
-    forbidden += [str(run.resolve()), str(run)]
     lines = [*markdown_lines(result), "", f"![truth | reconstructions](plots/{NAME}.png)"]
-    publish_threat(run, NAME, "Gradient inversion", result, lines, card_line(result), lora_dir=lora_dir,
-                   base_model=base_model_name(cfg), license=str(cfg.eval.license), forbidden=forbidden)
+    target.publish(NAME, "Gradient inversion", result, lines, card_line(result))
     return result
 
 

@@ -67,7 +67,7 @@ def test_dp_update_clips_every_sample_and_adds_noise(setup):
     assert total <= c + 1e-6 and total > 0.5 * c  # the mean of two norm-C vectors
     big = gi.client_update(comps.unet, comps.noise_scheduler, z0, states, noise, t, params, gi.DPSetting("loose", 10 * max(norms)))
     for a, b in zip(big, plain):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))  # float32 order of summation only
     g1 = gi.client_update(comps.unet, comps.noise_scheduler, z0, states, noise, t, params, gi.DPSetting("dp", c, 1.0))
     g2 = gi.client_update(comps.unet, comps.noise_scheduler, z0, states, noise, t, params, gi.DPSetting("dp", c, 1.0))
     assert not torch.equal(g1[0], g2[0])  # OS-entropy noise: two updates of the same batch differ

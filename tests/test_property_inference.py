@@ -213,7 +213,9 @@ def test_report_and_card_lines():
     text = "\n".join(pi.markdown_lines(result))
     assert "p_corr" in text and "0.750" in text and "lam = 0.5" in text and "style accuracy 0.900" in text
     line = pi.card_line(result)
-    assert "0.75" in line and "true 0.80" in line and "PriSampler lam=0.5" in line
+    assert "0.75" in line and "within 0.05 of the true share" in line and "PriSampler lam=0.5" in line
+    assert "0.80" not in line and "0.8 " not in line  # the card never states the training data's true share
+    assert pi.error_band(0.15) == "within 0.2 of the true share" and pi.error_band(0.3).startswith("more than 0.2")
 
 
 @pytest.mark.slow  # reason: two real tiny-SD LoRA trainings (1000 steps) plus 2 x 128 generations, ~10 min on one core

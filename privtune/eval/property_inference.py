@@ -309,20 +309,24 @@ def prisampler(unet: torch.nn.Module, lam: float, target: str = TARGET_ADAPTER, 
         use_adapter(unet, before)
 
 
-def load_pipeline(base: str, target_lora, aux_lora=None):
-    """A DDIM pipeline on `base` with the target LoRA as adapter "target" (active) and, when given, the auxiliary
-    LoRA as adapter "aux"."""
+def load_pipeline(base, target_lora, aux_lora=None):
+    """A DDIM pipeline on `base` (a model name, or a `model` config section with revision / variant /
+    allow_unsafe_weights) with the target LoRA as adapter "target" (active) and, when given, the auxiliary LoRA
+    as adapter "aux"."""
     from omegaconf import OmegaConf
 
-    from ..models.loading import load_components
+    from ..models.loading import freeze, load_components
     from ..models.lora import load_lora, use_adapter
     from .stage import pipeline_for
 
-    comps = load_components(OmegaConf.create({"base": base, "revision": None, "variant": None, "allow_unsafe_weights": False}))
+    model = OmegaConf.create({"base": base, "revision": None, "variant": None, "allow_unsafe_weights": False}) \
+        if isinstance(base, (str, Path)) else base
+    if aux_lora is not None and not Path(aux_lora).is_dir():
+        raise ConfigError(f"auxiliary LoRA folder {aux_lora} does not exist; pass the auxiliary run's lora/ folder")
+    comps = load_components(model)
+    freeze(comps.vae, comps.text_encoder, comps.unet)
     load_lora(comps, target_lora, TARGET_ADAPTER)
     if aux_lora is not None:
-        if not Path(aux_lora).is_dir():
-            raise ConfigError(f"auxiliary LoRA folder {aux_lora} does not exist; pass the auxiliary run's lora/ folder")
         load_lora(comps, aux_lora, AUX_ADAPTER)
     use_adapter(comps.unet, TARGET_ADAPTER)
     comps.unet.eval()
@@ -405,13 +409,31 @@ def markdown_lines(result) -> list[str]:
     return lines
 
 
+ERROR_BANDS = (0.05, 0.1, 0.2)
+
+
+def error_band(error: float) -> str:
+    """The error as a band, so the shipped card says how well the property leaks without stating its true value."""
+    for band in ERROR_BANDS:
+        if round(float(error), 6) <= band:
+            return f"within {band:g} of the true share"
+    return f"more than {ERROR_BANDS[-1]:g} from the true share"
+
+
+def estimate_text(result) -> str:
+    """The adversary's estimate with its CI and, when the truth is known, the band of its error."""
+    r = result.to_dict() if isinstance(result, PropertyInferenceResult) else result
+    err = f", {error_band(r['error_p_corr'])}" if "p_true" in r else ""
+    return f"{r['p_corr']:.2f} {_fmt_ci(r['p_corr_ci'])}{err}"
+
+
 def card_line(result) -> str:
-    """One privacy-card line."""
+    """One privacy-card line. The true proportion is a fact about the training data: the card gives only the
+    adversary's own estimate and the band of its error (report.md, in the private run folder, has the numbers)."""
     r = result.to_dict() if isinstance(result, PropertyInferenceResult) else result
     prop = r["property"]
     what = f"the share of training images with {prop['slot']} in {{{', '.join(prop['positive'])}}}"
-    err = f" (true {r['p_true']:.2f}, error {r['error_p_corr']:.2f})" if "p_true" in r else ""
     ps = r.get("prisampler") or {}
     defense = f"; PriSampler lam={ps['lam']} toward p*={ps.get('target_proportion')}" if ps.get("lam") else ""
     return (f"Property inference: from {r['n_generations']} generations an adversary estimates {what} as "
-            f"{r['p_corr']:.2f} {_fmt_ci(r['p_corr_ci'])}{err}{defense}.")
+            f"{estimate_text(r)}{defense}.")
