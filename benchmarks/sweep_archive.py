@@ -44,8 +44,10 @@ def save(root: Path, archive: Path) -> int:
             shutil.copy2(run / "privacy.json", dest / "privacy.json")
         n += 1
     log = root.parent / f"{root.name}.log"
-    if log.is_file():
-        shutil.copy2(log, archive / "sweep.log")
+    if log.is_file():  # one log per sitting: an earlier sitting's sweep.log is never overwritten
+        sittings = sorted(archive.glob("sweep*.log"))
+        kept = [f for f in sittings if f.read_bytes() and log.read_bytes().startswith(f.read_bytes()[:200])]
+        shutil.copy2(log, kept[-1] if kept else archive / f"sweep_sitting{len(sittings) + 1}.log")
     return n
 
 

@@ -188,8 +188,8 @@ def evaluate(argv) -> dict:
 
     accelerator = Accelerator(cpu=not __import__("torch").cuda.is_available())
     components = load_components(cfg.model)
-    freeze(components.vae, components.text_encoder, components.unet)
-    for m in (components.vae, components.text_encoder, components.unet):
+    freeze(*components.modules())
+    for m in components.modules():
         m.to(accelerator.device)
     plan = {}
     if is_dualmd_export(lora_dir):

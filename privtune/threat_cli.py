@@ -56,7 +56,7 @@ class RunTarget:
         from .models.lora import load_lora
 
         components = load_components(self.cfg.model)
-        freeze(components.vae, components.text_encoder, components.unet)
+        freeze(*components.modules())
         load_lora(components, self.lora_dir, *([adapter] if adapter else []))
         components.unet.eval()
         return components

@@ -214,7 +214,8 @@ def render_card(report: Mapping[str, Any], *, base_model: str, license: str, rep
     split = report.get("split_sizes") or {}
     protocol = report.get("protocol") or {}
     load_base = base_model if shown_base != LOCAL_PATH else "path/to/base-model"
-    imports = ["from diffusers import StableDiffusionPipeline"]
+    pipeline = report.get("pipeline") or "StableDiffusionPipeline"  # SDXL runs record StableDiffusionXLPipeline
+    imports = [f"from diffusers import {pipeline}"]
     if packaged:
         imports.append("from privtune.embedded import embedded")
         load_expr = f'str(embedded("{base_model}").model)'
@@ -229,7 +230,7 @@ def render_card(report: Mapping[str, Any], *, base_model: str, license: str, rep
             "then audited with membership-inference attacks (MIAs) that try to tell its training images "
             "from held-out images of the same distribution.", ""]
     out += ["## Usage", "", "```python", *imports, "",
-            f'pipe = StableDiffusionPipeline.from_pretrained({load_expr})',
+            f'pipe = {pipeline}.from_pretrained({load_expr})',
             f'pipe.load_lora_weights("path/to/this/lora", weight_name="{LORA_FILE}")',
             'image = pipe("a prompt", num_inference_steps=25).images[0]', "```", ""]
     out += ["## Privacy card", "", md_table(["Setting", "Value"], _defense_rows(report, shown_base)), ""]

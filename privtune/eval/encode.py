@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..data.transforms import preprocess
+from ..models import conditioning
 from .attacks import EncodedSamples
 
 LATENT_CHOICE = "vae posterior mode x scaling_factor"
@@ -33,13 +34,9 @@ def encode_records(components, records, resolution: int, device, batch_size: int
 
 def text_encoder_fn(components, device):
     """prompts -> condition states [B,L,D] (float32, on `device`) through the target's own tokenizer and text encoder."""
-    tok, text_encoder = components.tokenizer, components.text_encoder
-
     @torch.no_grad()
     def encode(prompts) -> torch.Tensor:
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(device)
-        return text_encoder(ids, return_dict=False)[0].float()
+        return conditioning.encode(components, conditioning.tokenize(components, list(prompts))).to(device).float()
 
     return encode
 
@@ -59,6 +56,4 @@ def decoder_fn(components):
 
 @torch.no_grad()
 def empty_prompt_state(components, device) -> torch.Tensor:
-    tok = components.tokenizer
-    ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids.to(device)
-    return components.text_encoder(ids, return_dict=False)[0].float()
+    return text_encoder_fn(components, device)([""])

@@ -324,7 +324,7 @@ def load_pipeline(base, target_lora, aux_lora=None):
     if aux_lora is not None and not Path(aux_lora).is_dir():
         raise ConfigError(f"auxiliary LoRA folder {aux_lora} does not exist; pass the auxiliary run's lora/ folder")
     comps = load_components(model)
-    freeze(comps.vae, comps.text_encoder, comps.unet)
+    freeze(*comps.modules())
     load_lora(comps, target_lora, TARGET_ADAPTER)
     if aux_lora is not None:
         load_lora(comps, aux_lora, AUX_ADAPTER)

@@ -232,14 +232,14 @@ def shadow_data(cfg, run_dir: Path, device, accelerator=None) -> ShadowData:
     if accelerator is not None:
         accelerator.wait_for_everyone()
     components = load_components(cfg.model)
-    freeze(components.vae, components.text_encoder, components.unet)
+    freeze(*components.modules())
     records = load_source(cfg.data).records
     folders = [shadow_folder(run_dir, i) for i in range(count)]
     with warnings.catch_warnings():  # peft warns that a second adapter makes a multi-adapter model: that is the point
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         for i, folder in enumerate(folders):
             load_lora(components, folder / "lora", adapter_name=f"shadow{i}")
-    for m in (components.vae, components.text_encoder, components.unet):
+    for m in components.modules():
         m.to(device)
     components.unet.eval()
     models, n_members = [], 0
@@ -310,6 +310,7 @@ def _deployed_sections(cfg, components, unet, predictor, alphas, members, nonmem
         report = build_report(config=to_container(cfg), attacks_result=result, utility=utility, privacy=privacy,
                               split_sizes={"members": len(split.members), "nonmembers": len(split.nonmembers)},
                               command=command, defense=defense_summary(cfg), baseline=load_baseline(ev.baseline))
+        report["pipeline"] = "StableDiffusionXLPipeline" if components.sdxl else "StableDiffusionPipeline"
         if split.training_fingerprint:
             report["training_data"] = split.training_fingerprint
         if evaluation_command:
@@ -369,9 +370,18 @@ def base_model_name(cfg) -> str:
 
 
 def pipeline_for(components, unet, text_encoder=None):
-    """A DDIM StableDiffusionPipeline over `components` with the given (LoRA-adapted) UNet."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """A DDIM StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) over `components` with the given
+    (LoRA-adapted) UNet."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if components.sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=components.vae, text_encoder=text_encoder or components.text_encoder, text_encoder_2=components.text_encoder_2,
+            tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=unet,
+            scheduler=DDIMScheduler.from_config(components.noise_scheduler.config), force_zeros_for_empty_prompt=True,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = StableDiffusionPipeline(
         vae=components.vae, text_encoder=text_encoder or components.text_encoder, tokenizer=components.tokenizer, unet=unet,
         scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),

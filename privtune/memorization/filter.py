@@ -25,6 +25,8 @@ momentum would otherwise still move the weights on a zero gradient).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 from collections import Counter
 
@@ -135,7 +137,7 @@ class SampleFilter:
         comps = trainer.components
         unet = trainer.accelerator.unwrap_model(comps.unet)
         text_encoder = trainer.accelerator.unwrap_model(comps.text_encoder)
-        view = type(comps)(comps.tokenizer, text_encoder, comps.vae, unet, comps.noise_scheduler, comps.path)
+        view = replace(comps, text_encoder=text_encoder, unet=unet)
         enc = encode_records(view, self.calibration, trainer.cfg.data.resolution, trainer.device)
         k = int(self.cfg.calibration_draws)
         latents = enc.latents.repeat_interleave(k, 0)

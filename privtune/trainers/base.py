@@ -25,6 +25,7 @@ from ..data.split import Split, exclude_rows, fingerprint, load_manifest, make_s
 from ..data.stage import DataStage
 from ..errors import ConfigError
 from ..losses import denoising_loss
+from ..models.conditioning import check_supported
 from ..models.loading import Components, freeze, load_components
 from ..models.lora import add_lora, lora_config
 from . import capabilities, checks, steps
@@ -171,8 +172,9 @@ class Trainer:
         cfg = self.cfg
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
         self.components = comps = load_components(cfg.model, self.weight_dtype)
-        freeze(comps.vae, comps.text_encoder, comps.unet)
-        for module in (comps.vae, comps.text_encoder, comps.unet):
+        check_supported(cfg, comps)
+        freeze(*comps.modules())
+        for module in comps.modules():
             module.to(self.device)
         self.lora_config = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
         self.trainable = self.add_unet_adapters()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..data.transforms import preprocess
+from ..models import conditioning
 from ..rng import numpy_rng
 from .state import Batch
 
@@ -51,11 +52,10 @@ class InputPipeline:
         return {"moments": moments, "text": states}
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        tok = self.components.tokenizer
-        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return conditioning.tokenize(self.components, captions)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.components.text_encoder(input_ids.to(self.device), return_dict=False)[0]
+        return conditioning.encode(self.components, input_ids)
 
     def batch(self, rows, flips, key: int, generator: torch.Generator) -> Batch:
         """The batch of rows `rows` (flipped where `flips`); `key` (the micro-batch) keys crops, augmentations and captions."""
