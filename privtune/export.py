@@ -40,13 +40,13 @@ def adapter_metadata(config) -> dict:
 
 
 def save_lora_folder(folder: Path, unet_state: dict, unet_config, text_state: dict | None = None,
-                     text_config=None, kohya: bool = False) -> Path:
+                     text_config=None, kohya: bool = False, text_state_2: dict | None = None) -> Path:
     """Write a diffusers-loadable LoRA folder (and the kohya file) from peft state dicts.
 
     The peft key layout (`lora_A` / `lora_B`) is kept: diffusers' older `lora.down` / `lora.up`
     conversion covers attention layers only and would leave a `full`-target LoRA half-loadable.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,11 @@ def save_lora_folder(folder: Path, unet_state: dict, unet_config, text_state: di
         if text_state:
             kwargs = {"text_encoder_lora_layers": text_state,
                       "text_encoder_lora_adapter_metadata": adapter_metadata(text_config)}
-        StableDiffusionPipeline.save_lora_weights(
+        pipeline = StableDiffusionPipeline
+        if text_state_2:  # SDXL's second text encoder: its keys are text_encoder_2.*
+            pipeline = StableDiffusionXLPipeline
+            kwargs.update(text_encoder_2_lora_layers=text_state_2, text_encoder_2_lora_adapter_metadata=adapter_metadata(text_config))
+        pipeline.save_lora_weights(
             tmp, unet_lora_layers=unet_state, weight_name=LORA_FILE,
             safe_serialization=True, unet_lora_adapter_metadata=adapter_metadata(unet_config), **kwargs,
         )
@@ -92,11 +96,14 @@ def export_lora(trainer) -> Path:
 
     acc = trainer.accelerator
     unet = acc.unwrap_model(trainer.components.unet)
-    text_state = None
+    comps = trainer.components
+    text_state = text_state_2 = None
     if trainer.text_lora_config is not None:
-        text_state = lora_state_dict(acc.unwrap_model(trainer.components.text_encoder))
+        text_state = lora_state_dict(acc.unwrap_model(comps.text_encoder))
+        if comps.sdxl:
+            text_state_2 = lora_state_dict(acc.unwrap_model(comps.text_encoder_2))
     return save_lora_folder(trainer.run_dir / LORA_DIR, lora_state_dict(unet), trainer.lora_config,
-                            text_state, trainer.text_lora_config, kohya=trainer.cfg.export.kohya)
+                            text_state, trainer.text_lora_config, kohya=trainer.cfg.export.kohya, text_state_2=text_state_2)
 
 
 def save_image_grid(images: list[Image.Image], captions: list[str], path: Path, cell: int = 128) -> Path:

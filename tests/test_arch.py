@@ -162,7 +162,27 @@ def test_sdxl_dp_sgd_clips_every_per_sample_gradient(sdxl_folder, tmp_path):
     assert torch.all(per_sample <= c * (1 + 1e-5))
 
 
-@pytest.mark.parametrize("extra", ["lora.text_encoder=true", "export.kohya=true", "sampling.ren_mitigation=true"])
+def test_sdxl_text_encoder_lora_trains_both_encoders_and_loads_in_vanilla(sdxl_folder, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from privtune.models.lora import load_lora, lora_state_dict
+
+    run = tmp_path / "run"
+    train_main(_run_args(sdxl_folder, run, "lora.text_encoder=true", "eval.enabled=false"))
+    saved = load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
+    prefixes = {k.split(".")[0] for k in saved}
+    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+    trained = {k: v for k, v in saved.items() if k.startswith("text_encoder_2.") and "lora_B" in k}
+    assert trained and any(v.abs().sum() > 0 for v in trained.values())  # lora_B starts at zero: it trained
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_folder, use_safetensors=True)
+    pipe.load_lora_weights(str(run / "lora"))
+    assert any("lora" in n for n, _ in pipe.text_encoder_2.named_parameters())
+    comps = _components(sdxl_folder)
+    load_lora(comps, run / "lora")  # privtune's own loader (evaluation) takes both encoders' weights too
+    assert len(lora_state_dict(comps.text_encoder_2)) == sum(k.startswith("text_encoder_2.") for k in saved)
+
+
+@pytest.mark.parametrize("extra", ["export.kohya=true", "sampling.ren_mitigation=true", "memorization_filter.method=wen"])
 def test_sdxl_refuses_what_it_cannot_do_before_writing(sdxl_folder, tmp_path, capsys, extra):
     run = tmp_path / "run"
     assert train_main(_run_args(sdxl_folder, run, extra)) == 2

@@ -265,7 +265,8 @@ def _adapter_live(components, name: str):
     one), with every `requires_grad` flag kept; the layers' previous adapters on exit."""
     from ..models.lora import tuner_layers
 
-    layers = [layer for m in (components.unet, components.text_encoder) for layer in tuner_layers(m)
+    layers = [layer for m in (components.unet, components.text_encoder, components.text_encoder_2) if m is not None
+              for layer in tuner_layers(m)
               if name in getattr(layer, "lora_A", {})]
     flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
     before = [list(layer.active_adapters) for layer in layers]
@@ -369,14 +370,15 @@ def base_model_name(cfg) -> str:
     return "<local checkpoint>" if Path(base).exists() else base
 
 
-def pipeline_for(components, unet, text_encoder=None):
+def pipeline_for(components, unet, text_encoder=None, text_encoder_2=None):
     """A DDIM StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) over `components` with the given
     (LoRA-adapted) UNet."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if components.sdxl:
         pipe = StableDiffusionXLPipeline(
-            vae=components.vae, text_encoder=text_encoder or components.text_encoder, text_encoder_2=components.text_encoder_2,
+            vae=components.vae, text_encoder=text_encoder or components.text_encoder,
+            text_encoder_2=text_encoder_2 or components.text_encoder_2,
             tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=unet,
             scheduler=DDIMScheduler.from_config(components.noise_scheduler.config), force_zeros_for_empty_prompt=True,
         )

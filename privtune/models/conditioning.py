@@ -83,7 +83,6 @@ def check_supported(cfg, components) -> None:
     from ..errors import ConfigError
 
     unsupported = {
-        "lora.text_encoder=true": bool(cfg.lora.text_encoder),
         "export.kohya=true (kohya's SDXL files use the original SGM block names)": bool(cfg.export.kohya),
         "sampling.wen_prompt_optimization=true": bool(cfg.sampling.wen_prompt_optimization),
         "sampling.ren_mitigation=true": bool(cfg.sampling.ren_mitigation),

@@ -47,6 +47,10 @@ def lora_config(rank: int, alpha: float, dropout: float, targets):
                       init_lora_weights="gaussian", target_modules=target_modules(targets))
 
 
+def _is_transformers_model(model) -> bool:
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
 def add_lora(model: torch.nn.Module, config, adapter_name: str = "default") -> list[torch.nn.Parameter]:
     """Attach a LoRA adapter (diffusers' / transformers' peft integration); returns its parameters."""
     import warnings
@@ -54,7 +58,9 @@ def add_lora(model: torch.nn.Module, config, adapter_name: str = "default") -> l
     try:
         with warnings.catch_warnings():  # a second adapter (DualMD, DistillMD) is intended
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            if hasattr(model, "add_adapter"):
+            # diffusers models through their peft integration; transformers models (the text encoders) through peft
+            # itself: transformers 5's add_adapter demands a peft release (>= 0.22) that PyPI does not have yet.
+            if hasattr(model, "add_adapter") and not _is_transformers_model(model):
                 model.add_adapter(config, adapter_name=adapter_name)
             else:
                 from peft import inject_adapter_in_model
@@ -98,8 +104,14 @@ def load_lora(components, lora_dir, adapter_name: str = "default") -> None:
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelError(f"cannot read the LoRA in {folder}: {exc}") from exc
     what = f"the base model {components.path}"
-    for prefix, model in (("unet", components.unet), ("text_encoder", components.text_encoder)):
+    encoders = (("text_encoder", components.text_encoder), ("text_encoder_2", getattr(components, "text_encoder_2", None)))
+    for prefix, model in (("unet", components.unet), *encoders):
         part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        if part and model is None:
+            raise ModelError(f"the LoRA in {folder} has {prefix} weights, which {what} has no {prefix} for; "
+                             "evaluate it on the (SDXL) base model it was trained on")
+        if model is None:
+            continue
         mismatches = shape_mismatches(model, part)
         if mismatches:
             raise ModelError(mismatch_message(weights, what, mismatches, len(part), file_settings(weights, part, prefix),
@@ -108,10 +120,10 @@ def load_lora(components, lora_dir, adapter_name: str = "default") -> None:
     try:
         with _quiet_diffusers_loader():
             StableDiffusionPipeline.load_lora_into_unet(state, network_alphas=None, unet=components.unet, adapter_name=adapter_name)
-            text_keys = [k for k in state if k.startswith("text_encoder.")]
-            if text_keys:
-                StableDiffusionPipeline.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=components.text_encoder,
-                                                                    adapter_name=adapter_name)
+            for prefix, model in encoders:
+                if model is not None and any(k.startswith(prefix + ".") for k in state):
+                    StableDiffusionPipeline.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=model, prefix=prefix,
+                                                                        adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"the LoRA in {folder} does not fit {what}: {first}") from exc

@@ -182,12 +182,16 @@ class Trainer:
         if cfg.lora.text_encoder:
             self.text_lora_config = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.text_encoder_targets))
             self.trainable += add_lora(comps.text_encoder, self.text_lora_config)
+            if comps.sdxl:  # SDXL: both text encoders, as diffusers' SDXL LoRA script trains them
+                self.trainable += add_lora(comps.text_encoder_2, self.text_lora_config)
         for p in self.trainable:
             p.data = p.data.float()
         if cfg.train.gradient_checkpointing:
             comps.unet.enable_gradient_checkpointing()
             if cfg.lora.text_encoder:
                 comps.text_encoder.gradient_checkpointing_enable()
+                if comps.sdxl:
+                    comps.text_encoder_2.gradient_checkpointing_enable()
         comps.unet.train()
         from ..data.captions import CaptionRandomizer
 
@@ -233,7 +237,10 @@ class Trainer:
 
     def prepare(self) -> None:
         acc, comps, cfg = self.accelerator, self.components, self.cfg
-        if cfg.lora.text_encoder:
+        if cfg.lora.text_encoder and comps.sdxl:
+            comps.unet, comps.text_encoder, comps.text_encoder_2, self.optimizer, self.lr_scheduler = acc.prepare(
+                comps.unet, comps.text_encoder, comps.text_encoder_2, self.optimizer, self.lr_scheduler)
+        elif cfg.lora.text_encoder:
             comps.unet, comps.text_encoder, self.optimizer, self.lr_scheduler = acc.prepare(
                 comps.unet, comps.text_encoder, self.optimizer, self.lr_scheduler)
         else:

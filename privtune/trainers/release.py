@@ -29,7 +29,8 @@ class Release:
         t = self.trainer
         comps = t.components
         unet, text_encoder = t.accelerator.unwrap_model(comps.unet), t.accelerator.unwrap_model(comps.text_encoder)
-        return apply_sampling_options(pipeline_for(comps, unet, text_encoder), t.cfg.sampling)
+        text_encoder_2 = t.accelerator.unwrap_model(comps.text_encoder_2) if comps.sdxl else None
+        return apply_sampling_options(pipeline_for(comps, unet, text_encoder, text_encoder_2), t.cfg.sampling)
 
     def validation_prompts(self) -> list[str]:
         """The user's `train.validation_prompts`, else (up to) four held-out captions that are no training
