@@ -84,6 +84,11 @@ def check_resume(folder: Path, cfg) -> dict[str, tuple]:
     old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     new = to_container(cfg)
     diffs = config_differences(old, new)
+    from . import schema
+
+    defaults, recorded = flatten(schema.defaults()), flatten(old)
+    diffs = {k: v for k, v in diffs.items()  # a key added to privtune after the run started, at its default: no change
+             if k in recorded or k not in defaults or v[1] != defaults[k]}
     safe_steps = max_steps_is_safe(old)
     refused = {k: v for k, v in diffs.items()
                if not (resume_safe(k) or (k == "train.max_steps" and safe_steps))}

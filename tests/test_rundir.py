@@ -43,6 +43,21 @@ def test_resume_that_changes_the_model_is_refused_and_writes_nothing(finished, b
     assert digest(finished) == before
 
 
+def test_resume_of_a_run_from_before_a_new_key_accepts_its_default_only(finished, base_model, capsys):
+    """A run started before privtune had train.ema resumes at the key's default; turning the new option on is refused."""
+    import yaml
+
+    config = finished / "config.yaml"
+    recorded = yaml.safe_load(config.read_text())
+    del recorded["train"]["ema"]
+    config.write_text(yaml.safe_dump(recorded, sort_keys=False))
+    before = digest(finished)
+    assert main(train_args(finished, f"model.base={base_model}", "train.checkpoint_every=1", "resume=latest",
+                           "train.ema.decay=0.9", steps=3)) == 2
+    assert "train.ema.decay" in capsys.readouterr().err and digest(finished) == before
+    assert main(train_args(finished, f"model.base={base_model}", "train.checkpoint_every=1", "resume=latest", steps=3)) == 0
+
+
 def test_max_steps_with_a_schedule_is_model_changing(tmp_path, base_model, capsys):
     run = tmp_path / "run"
     args = (f"model.base={base_model}", "optim.scheduler=cosine", "train.checkpoint_every=1")

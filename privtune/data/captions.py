@@ -18,6 +18,13 @@ with weakens that link. Transforms, each applied to a training row independently
   [L, D] sequence incl. padding (as the reference code does), on every training row; the attacks and
   the generations encode captions without it.
 
+What LoRA trainers (kohya sd-scripts) offer, on the same seeded path: tag shuffle (`shuffle_tags`: the
+comma-separated tags of every caption in a new order every step, the first `keep_tags` in place), tag
+dropout (each tag after `keep_tags` dropped with probability `tag_dropout`) and caption dropout (the whole
+caption replaced by the empty one with probability `dropout`, whose cached embedding the input pipeline
+reuses). Caption dropout is also a memorization mitigation: a member seen without its caption ties its image
+less to its caption, and attacks that query with the exact caption (CLiD) lose part of their signal.
+
 The text transforms edit words (strings) before tokenisation, so the tokenizer still adds BOS first
 and EOS after the last word. Every draw is a pure function of (seed, micro-step, row): seeded,
 identical across processes and exactly reproduced on resume.
@@ -72,6 +79,10 @@ class CaptionRandomizer:
         self.insert_tokens = int(cfg.insert_tokens)
         self.repeat_words = int(cfg.repeat_words)
         self.noise = float(cfg.embedding_noise)
+        self.dropout = float(cfg.get("dropout", 0.0))
+        self.shuffle_tags = bool(cfg.get("shuffle_tags", False))
+        self.keep_tags = int(cfg.get("keep_tags", 0))
+        self.tag_dropout = float(cfg.get("tag_dropout", 0.0))
         self.seed = int(seed)
         self.vocab = word_vocabulary(tokenizer) if self.insert_tokens and tokenizer is not None else []
         self.applied = 0
@@ -79,7 +90,8 @@ class CaptionRandomizer:
 
     @property
     def text_active(self) -> bool:
-        return self.multiple or (self.p > 0 and (self.insert_tokens > 0 or self.repeat_words > 0))
+        return (self.multiple or (self.p > 0 and (self.insert_tokens > 0 or self.repeat_words > 0)) or self.dropout > 0
+                or self.shuffle_tags or self.tag_dropout > 0)
 
     @property
     def active(self) -> bool:
@@ -113,9 +125,26 @@ class CaptionRandomizer:
             picked = [words[i] for i in rng.integers(len(words), size=self.repeat_words)] if words else []
             text = insert_words(text, picked, rng)
             randomized = True
+        if self.shuffle_tags or self.tag_dropout:
+            tagged = self.edit_tags(text, numpy_rng(self.seed, "caption-tags", micro_step, row))
+            randomized |= tagged != text
+            text = tagged
+        if self.dropout and numpy_rng(self.seed, "caption-dropout", micro_step, row).random() < self.dropout:
+            text, randomized = "", True
         self.seen += 1
         self.applied += int(randomized)
         return CaptionDraw(text, randomized)
+
+    def edit_tags(self, caption: str, rng: np.random.Generator) -> str:
+        """Shuffle / drop the comma-separated tags after the first `keep_tags` (kohya's shuffle_caption,
+        keep_tokens and caption_tag_dropout_rate)."""
+        tags = [t.strip() for t in caption.split(",")]
+        kept, rest = tags[:self.keep_tags], tags[self.keep_tags:]
+        if self.tag_dropout:
+            rest = [t for t, u in zip(rest, rng.random(len(rest))) if u >= self.tag_dropout]
+        if self.shuffle_tags:
+            rest = [rest[i] for i in rng.permutation(len(rest))]
+        return ", ".join(t for t in kept + rest if t)
 
     def embedding_noise(self, shape, micro_step: int, rows) -> torch.Tensor:
         """lambda * N(0, I) for the rows of one micro-batch, [B, L, D], seeded by (seed, micro-step, row)."""

@@ -180,7 +180,8 @@ class SampleFilter:
             self.probe.recording = True
         try:
             per_sample, pred, noisy = denoising_loss(comps.unet, comps.noise_scheduler, batch.latents,
-                                                     batch.encoder_hidden_states, noise, timesteps, return_pred=True)
+                                                     batch.encoder_hidden_states, noise, timesteps, return_pred=True,
+                                                     snr_gamma=trainer.cfg.train.snr_gamma)
         finally:
             if self.probe is not None:
                 self.probe.recording = False

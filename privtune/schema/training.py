@@ -135,6 +135,19 @@ class Lora(Section):
 
 
 @dataclass
+class Ema(Section):
+    decay: float = option(0.0, "EMA of the LoRA weights (diffusers' EMAModel over the trainable parameters); 0 = off, e.g. "
+                               "0.999. When on, the EMA weights are what is exported, attacked and measured; with DP-SGD "
+                               "the EMA of the private iterates is post-processing and costs no epsilon")
+    start: int = option(0, "optimizer steps before the EMA starts following the weights (its decay then ramps up as "
+                           "(1 + s) / (10 + s), capped at `decay`)")
+
+    def check(self) -> None:
+        self.require(0.0 <= self.decay < 1.0, "decay", "0 (off) or a decay in (0, 1), e.g. 0.999")
+        self.at_least(0, "start")
+
+
+@dataclass
 class Train(Section):
     max_steps: int = option(1000, "optimizer steps to train for")
     batch_size: int = option(16, "training rows per step, per process")
@@ -152,8 +165,13 @@ class Train(Section):
                                                            "(source rows in neither split; else non-members), never a training caption")
     validation_inference_steps: int = option(25, "sampler steps of the validation images")
     validation_guidance_scale: float = option(3.0, "guidance scale of the validation images")
+    snr_gamma: Optional[float] = option(None, "min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5.0: each example's loss "
+                                              "times min(SNR_t, gamma) / SNR_t (epsilon; / (SNR_t + 1) for v-prediction); "
+                                              "under DP-SGD applied per example before clipping; null = off")
+    ema: Ema = section(Ema, "exponential moving average of the LoRA weights")
 
     def check(self) -> None:
+        self.require(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", "null (off) or a positive gamma, e.g. 5.0")
         self.at_least(1, "max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "validation_inference_steps")
         self.at_least(0, "max_grad_norm", "num_workers", "checkpoint_every", "checkpoints_total_limit", "validation_every")
 
@@ -181,9 +199,18 @@ class Captions(Section):
     insert_tokens: int = option(0, "RT: insert this many random vocabulary words at random word boundaries (DCR: 2)")
     repeat_words: int = option(0, "CWR: repeat this many caption words at random word boundaries (DCR: 2)")
     embedding_noise: float = option(0.0, "GN: lambda of lambda * N(0, I) added to the training text embedding (DCR: 0.1)")
+    dropout: float = option(0.0, "probability a training row trains with the empty caption (kohya's caption_dropout_rate; "
+                                 "also a memorization mitigation, and it weakens attacks that need the exact caption)")
+    shuffle_tags: bool = option(False, "shuffle the comma-separated tags of every training caption, every step (kohya's "
+                                       "shuffle_caption)")
+    keep_tags: int = option(0, "the first N tags stay in place and are never dropped (kohya's keep_tokens)")
+    tag_dropout: float = option(0.0, "probability each comma-separated tag (after keep_tags) is dropped from a training caption")
 
     def check(self) -> None:
         self.within("p", 0, 1)
+        self.within("dropout", 0, 1)
+        self.within("tag_dropout", 0, 1)
+        self.at_least(0, "keep_tags")
         self.at_least(0, "insert_tokens", "repeat_words", "embedding_noise")
         if self.multiple and not self.separator:
             raise ConfigError("captions.multiple=true needs a non-empty captions.separator")

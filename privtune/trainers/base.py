@@ -32,6 +32,7 @@ from . import capabilities, checks, steps
 from .inputs import InputPipeline
 from .optim import build_optimizer
 from .release import Release
+from .ema import build_ema
 from .run_folder import RunFolder, TrainableCheckpoint
 from .sampling import BatchSchedule
 from .state import Batch, TrainState
@@ -61,6 +62,7 @@ class Trainer:
         self.inputs: InputPipeline | None = None
         self.state: TrainState | None = None
         self.metrics: dict = {}
+        self.ema = None
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> Path:
@@ -255,6 +257,9 @@ class Trainer:
 
             self.sample_filter = SampleFilter(cfg.memorization_filter, self)
             acc.register_for_checkpointing(self.sample_filter)
+        self.ema = build_ema(cfg, self.trainable)
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
         if self.is_main:
             rows = (self.split.members, self.split.nonmembers, self.train_records, self.encoded_records)
             hparams = tracking.tracker_hparams(cfg, tracking.private_strings(*rows, separator=self.caption_separator()))
@@ -297,7 +302,7 @@ class Trainer:
         if self.sample_filter is not None:
             return self.sample_filter.loss(self, batch, noise, timesteps)
         per_sample = denoising_loss(self.components.unet, self.components.noise_scheduler, batch.latents,
-                                    batch.encoder_hidden_states, noise, timesteps)
+                                    batch.encoder_hidden_states, noise, timesteps, snr_gamma=self.cfg.train.snr_gamma)
         loss = per_sample.mean()
         return loss, {"loss": loss.detach().item()}
 

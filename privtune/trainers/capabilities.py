@@ -31,6 +31,8 @@ OPTIONS = {
     "fp16": Option("fp16 loss scaling", lambda cfg: cfg.train.mixed_precision == "fp16", "use train.mixed_precision=bf16 or no"),
     "max_grad_norm": Option("train.max_grad_norm (batch-level clipping)", lambda cfg: bool(cfg.train.max_grad_norm),
                             "set train.max_grad_norm=0"),
+    "snr_gamma": Option("train.snr_gamma (min-SNR loss weighting)", lambda cfg: cfg.train.snr_gamma is not None,
+                        "set train.snr_gamma=null"),
     "multi_process": Option("several processes", None, "launch it without accelerate multi-process"),
 }
 ALL = frozenset(OPTIONS)

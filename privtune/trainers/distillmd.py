@@ -65,8 +65,9 @@ class DistillMDTrainer(PromptDiversification, Trainer):
     """The student adapter regresses onto the unseen teacher's prediction; teachers A / B stay frozen."""
 
     name = "distillmd"
-    supports = capabilities.ALL - {"memorization_filter", *TWO_ADAPTER_LIMITS}
-    unsupported_reasons = {**TWO_ADAPTER_LIMITS, "memorization_filter": "its loss regresses onto the teachers, not the data"}
+    supports = capabilities.ALL - {"memorization_filter", "snr_gamma", *TWO_ADAPTER_LIMITS}
+    unsupported_reasons = {**TWO_ADAPTER_LIMITS, "memorization_filter": "its loss regresses onto the teachers, not the data",
+                           "snr_gamma": "its loss regresses onto the teachers, not the data"}
 
     def validate_config(self) -> None:
         super().validate_config()

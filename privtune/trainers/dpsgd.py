@@ -287,12 +287,15 @@ class DPSGDTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss and step
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """Sum over examples of each example's denoising loss averaged over K (timestep, noise) draws."""
+        """Sum over examples of each example's denoising loss averaged over K (timestep, noise) draws; with
+        train.snr_gamma each draw's loss carries its min-SNR weight, so the weighting is inside every per-example
+        gradient before it is clipped."""
         k = int(self.cfg.dp.noise_multiplicity)
         latents = batch.latents.repeat_interleave(k, dim=0)
         states = batch.encoder_hidden_states.repeat_interleave(k, dim=0)
         noise, timesteps = self.sample_noise(latents)
-        rows = denoising_loss(self.components.unet, self.components.noise_scheduler, latents, states, noise, timesteps)
+        rows = denoising_loss(self.components.unet, self.components.noise_scheduler, latents, states, noise, timesteps,
+                              snr_gamma=self.cfg.train.snr_gamma)
         per_example = rows.view(-1, k).mean(dim=1)
         return per_example.sum(), {"loss": per_example.mean().detach().item()}
 
@@ -414,7 +417,11 @@ class DPSGDTrainer(Trainer):
     def privacy_summary(self) -> dict:
         dp = self.cfg.dp
         steps = sum(n for _, _, n in self.accountant.history)
-        return {
+        ema = {}
+        if self.ema is not None:
+            ema = {"ema": f"the released LoRA is the EMA (decay {float(self.cfg.train.ema.decay):g}) of the DP-SGD iterates: "
+                          "post-processing, it costs no epsilon"}
+        return {**ema,
             "epsilon": self.epsilon(), "delta": self.budget.delta, "noise_multiplier": self.budget.noise_multiplier,
             "sample_rate": self.budget.sample_rate, "steps": steps, "accountant": self.budget.accountant,
             "max_grad_norm": float(dp.max_grad_norm), "noise_multiplicity": int(dp.noise_multiplicity),

@@ -29,6 +29,7 @@ class InputPipeline:
         self.weight_dtype = weight_dtype
         self.base_captions = [captions.base(r) for r in records]
         self.input_ids = self.tokenize(self.base_captions)
+        self._empty = None
         self.cache = None
         if cfg.train.cache_latents and augmentation is not None and announce:
             print(f"privtune: latent caching off: {augmentation.describe()} draws new pixels every step "
@@ -50,6 +51,13 @@ class InputPipeline:
                 moments[flip] = torch.cat(chunks, dim=1)
             states = torch.cat([self.encode_text(self.input_ids[i:i + 64]) for i in range(0, len(records), 64)])
         return {"moments": moments, "text": states}
+
+    def empty_state(self) -> torch.Tensor:
+        """The empty caption's condition with frozen text encoders, encoded once (caption dropout)."""
+        if self._empty is None:
+            with torch.no_grad():
+                self._empty = self.encode_text(self.tokenize([""]))
+        return self._empty
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return conditioning.tokenize(self.components, captions)
@@ -103,11 +111,16 @@ class InputPipeline:
         if rz.text_active:
             draws = [rz.draw(self.records[int(r)], key, int(r)) for r in rows]
             changed = [i for i, (d, r) in enumerate(zip(draws, rows)) if d.caption != self.base_captions[int(r)]]
+            empty = [i for i in changed if draws[i].caption == "" and not self.cfg.lora.text_encoder]
+            changed = [i for i in changed if i not in empty]
+            if changed or empty:
+                states = states.clone()
+            if empty:  # caption dropout with frozen text encoders: the empty caption's states, encoded once
+                states[torch.as_tensor(empty, device=states.device)] = self.empty_state().to(states.device, states.dtype)
             if changed:
                 ids = self.tokenize([draws[i].caption for i in changed])
                 with torch.set_grad_enabled(bool(self.cfg.lora.text_encoder)):
                     fresh = self.encode_text(ids)
-                states = states.clone()
                 states[torch.as_tensor(changed, device=states.device)] = fresh.to(states.device, states.dtype)
         if rz.noise:
             states = states + rz.embedding_noise(states.shape, key, rows).to(states.device, states.dtype)

@@ -60,8 +60,9 @@ class MPLoRATrainer(Trainer):
 
     name = "mp_lora"
     form = "mp"
-    supports = capabilities.ALL - {"memorization_filter"}
-    unsupported_reasons = {"memorization_filter": "its loss is the min-max objective"}
+    supports = capabilities.ALL - {"memorization_filter", "snr_gamma"}
+    unsupported_reasons = {"memorization_filter": "its loss is the min-max objective",
+                           "snr_gamma": "its adaptation loss and the proxy's loss maps share one unweighted forward"}
 
     # ------------------------------------------------------------------ checks
     def validate_config(self) -> None:

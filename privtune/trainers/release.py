@@ -80,6 +80,8 @@ class Release:
         t = self.trainer
         acc = t.accelerator
         acc.wait_for_everyone()
+        if getattr(t, "ema", None) is not None:  # the EMA is what ships, is attacked and is measured
+            t.ema.copy_to_weights()
         if t.cfg.train.validation_every:
             t.validate(t.state.step)
         if t.is_main:

@@ -24,6 +24,8 @@ def apply_update(trainer, clip_groups=None) -> bool:
     skipped = acc.sync_gradients and trainer.skip_optimizer_step()
     if not skipped:
         trainer.optimizer.step()
+        if acc.sync_gradients and getattr(trainer, "ema", None) is not None:
+            trainer.ema.step()
     with warnings.catch_warnings():
         if skipped:  # the schedule still follows the step count; torch warns when no optimizer step came first
             warnings.filterwarnings("ignore", message="Detected call of")
