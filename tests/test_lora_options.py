@@ -171,3 +171,42 @@ def test_tag_shuffle_and_dropout_keep_the_first_tags():
     assert 0.6 < kept < 0.8  # each later tag dropped with probability 0.3
     full = [s for s in split if len(s) == 4]
     assert len({tuple(s) for s in full}) > 3  # and the order changes from step to step
+
+
+# ---------------------------------------------------------------------------- DoRA
+def test_dora_exports_magnitudes_that_vanilla_diffusers_loads_exactly(tmp_path, base_model):
+    """lora.method=dora trains magnitude vectors; the diffusers file carries them and a vanilla pipeline loaded from
+    it predicts exactly what privtune's trained UNet predicts."""
+    from diffusers import StableDiffusionPipeline
+
+    from privtune.models.lora import load_lora
+    from .conftest import load_tiny
+
+    run = tmp_path / "run"
+    assert main(train_args(run, f"model.base={base_model}", "lora.method=dora", "lora.targets=attn", steps=3)) == 0
+    saved = load_file(str(run / "lora" / LORA_FILE))
+    magnitudes = [k for k in saved if "lora_magnitude_vector" in k]
+    assert magnitudes and len(magnitudes) * 2 == sum("lora_A" in k or "lora_B" in k for k in saved)
+    pipe = StableDiffusionPipeline.from_pretrained(base_model, use_safetensors=True, safety_checker=None)
+    pipe.load_lora_weights(str(run / "lora"))
+    comps = load_tiny(base_model)
+    load_lora(comps, run / "lora")
+    x = torch.randn(2, comps.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, cond = torch.tensor([50, 700]), torch.randn(2, 32, comps.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        ours = comps.unet(x, t, encoder_hidden_states=cond).sample
+        theirs = pipe.unet(x, t, encoder_hidden_states=cond).sample
+        base = StableDiffusionPipeline.from_pretrained(base_model, use_safetensors=True, safety_checker=None).unet(
+            x, t, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ours, base, atol=1e-4)  # the DoRA adapter changes the model
+
+
+@pytest.mark.parametrize("args, message", [
+    (["recipe=dpsgd", "lora.method=dora"], "Opacus has no per-sample gradient for DoRA's magnitude vectors"),
+    (["recipe=lora", "lora.method=dora", "export.kohya=true"], "no place for DoRA's magnitude vectors"),
+])
+def test_dora_refused_where_it_cannot_work(tmp_path, base_model, capsys, args, message):
+    run = tmp_path / "run"
+    assert main([args[0], *train_args(run, f"model.base={base_model}", *args[1:])[1:]]) == 2
+    assert message in capsys.readouterr().err and not (run / "config.yaml").exists()

@@ -38,12 +38,13 @@ def target_modules(targets) -> list[str]:
     return names
 
 
-def lora_config(rank: int, alpha: float, dropout: float, targets):
+def lora_config(rank: int, alpha: float, dropout: float, targets, method: str = "lora"):
+    """peft's LoraConfig; `method="dora"` is DoRA (peft's use_dora), which diffusers exports and loads as is."""
     from peft import LoraConfig
 
     if rank < 1:
         raise ConfigError(f"lora.rank must be >= 1 (got {rank})")
-    return LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
+    return LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout), use_dora=method == "dora",
                       init_lora_weights="gaussian", target_modules=target_modules(targets))
 
 

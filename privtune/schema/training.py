@@ -122,6 +122,9 @@ class Lora(Section):
     alpha: int = option(16, "LoRA alpha (the update is scaled by alpha / rank)")
     dropout: float = option(0.0, "dropout on the LoRA layers' input")
     targets: Union[str, List[str]] = option("full", "attn | full (kohya-style) | an explicit list of module names")
+    method: str = option("lora", "lora | dora (DoRA, Liu et al. 2024: a magnitude vector per adapted weight beside the "
+                                 "low-rank direction update, through peft's use_dora; not under DP-SGD)",
+                         choices=("lora", "dora"))
     text_encoder: bool = option(False, "also train a LoRA on the text encoder")
     text_encoder_targets: List[str] = option(["q_proj", "k_proj", "v_proj", "out_proj"], "text-encoder modules the LoRA targets")
 

@@ -178,7 +178,7 @@ class Trainer:
         freeze(*comps.modules())
         for module in comps.modules():
             module.to(self.device)
-        self.lora_config = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+        self.lora_config = lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, cfg.lora.method)
         self.trainable = self.add_unet_adapters()
         self.text_lora_config = None
         if cfg.lora.text_encoder:

@@ -18,6 +18,9 @@ def check_run_config(cfg) -> None:
     from ..memorization.sampling import check_config as check_sampling
 
     check_data_settings(cfg)
+    if cfg.lora.method == "dora" and cfg.export.kohya:
+        raise ConfigError("export.kohya=true with lora.method=dora: the kohya file has no place for DoRA's magnitude "
+                          "vectors; set export.kohya=false (the diffusers file carries them)")
     check_attacks(cfg.eval.attacks)
     check_max_members(cfg.eval.get("max_members"))
     if cfg.eval.enabled:

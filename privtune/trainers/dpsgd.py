@@ -213,10 +213,11 @@ class DPSGDTrainer(Trainer):
     """DP-SGD (per-example clipping + Gaussian noise + accountant) on the UNet's LoRA parameters."""
 
     name = "dpsgd"
-    supports = capabilities.ALL - {"memorization_filter", "text_encoder", "gradient_checkpointing", "fp16", "max_grad_norm"}
+    supports = capabilities.ALL - {"memorization_filter", "text_encoder", "gradient_checkpointing", "fp16", "max_grad_norm", "dora"}
     unsupported_reasons = {
         "memorization_filter": "its loss is the per-example DP loss",
         "text_encoder": "a text-encoder LoRA would share the budget",
+        "dora": "Opacus has no per-sample gradient for DoRA's magnitude vectors, so they could not be clipped",
         "gradient_checkpointing": "Opacus hooks would see each forward twice",
         "fp16": "it would scale per-example gradients before clipping",
         "max_grad_norm": "it clips per example with dp.max_grad_norm",
