@@ -11,6 +11,11 @@ states [B, 78, 2048]. `pack_conditioning(unet)` installs a forward pre-hook on t
 that row back off into `added_cond_kwargs` and fills `time_ids` from the latent size (original = target
 size, no crop: what StableDiffusionXLPipeline does by default). A call that passes 77-token states with
 its own `added_cond_kwargs` (the vanilla SDXL pipeline's) goes through untouched, so one UNet serves both.
+
+Two consequences to know: caption randomization's embedding noise (captions.embedding_noise) also reaches the
+pooled row, which is a text embedding too; and the unconditional state of privtune's own guidance and attacks is
+the encoded empty caption, where StableDiffusionXLPipeline's default negative prompt is zeros
+(force_zeros_for_empty_prompt); the released pipeline for sampling keeps the SDXL default.
 """
 
 from __future__ import annotations
