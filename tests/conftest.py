@@ -123,8 +123,8 @@ def load_tiny(base_model: str):
 
 
 def encode_prompts(comps, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states of `prompts`, padded to the tokenizer's max length."""
-    tok = comps.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    """The UNet condition of `prompts` (privtune.models.conditioning: SD's text states, SDXL's packed ones)."""
+    from privtune.models.conditioning import encode, tokenize
+
     with torch.no_grad():
-        return comps.text_encoder(ids)[0]
+        return encode(comps, tokenize(comps, list(prompts)))

@@ -18,7 +18,7 @@ from privtune.models import arch as arch_mod
 from privtune.models.conditioning import encode, tokenize
 from privtune.train import main as train_main
 
-from .conftest import prepare_trainer
+from .conftest import load_tiny, prepare_trainer
 
 # Transcribed from the published checkpoints' config.json files (runwayml/stable-diffusion-v1-5,
 # stabilityai/stable-diffusion-xl-base-1.0) and their parameter counts.
@@ -82,17 +82,9 @@ def test_built_sdxl_loads_in_the_vanilla_pipeline_with_clip_tokenizers(sdxl_fold
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
 
 
-def _components(folder):
-    from omegaconf import OmegaConf
-
-    from privtune.models.loading import load_components
-
-    return load_components(OmegaConf.create({"base": folder, "revision": None, "variant": None, "allow_unsafe_weights": False}))
-
-
 def test_packed_conditioning_equals_the_sdxl_pipeline_call(sdxl_folder):
     """privtune's packed states [B, 78, D] give the UNet exactly what the SDXL pipeline's own call gives it."""
-    comps = _components(sdxl_folder)
+    comps = load_tiny(sdxl_folder)
     assert comps.sdxl
     captions = ["pixel art portrait, glasses", "a portrait"]
     states = encode(comps, tokenize(comps, captions))
@@ -177,7 +169,7 @@ def test_sdxl_text_encoder_lora_trains_both_encoders_and_loads_in_vanilla(sdxl_f
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_folder, use_safetensors=True)
     pipe.load_lora_weights(str(run / "lora"))
     assert any("lora" in n for n, _ in pipe.text_encoder_2.named_parameters())
-    comps = _components(sdxl_folder)
+    comps = load_tiny(sdxl_folder)
     load_lora(comps, run / "lora")  # privtune's own loader (evaluation) takes both encoders' weights too
     assert len(lora_state_dict(comps.text_encoder_2)) == sum(k.startswith("text_encoder_2.") for k in saved)
 
