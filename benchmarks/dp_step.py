@@ -10,6 +10,8 @@ rank 16, `full` targets), cached latents and batch size; interleaved timed windo
   dp_functorch    the same step with Opacus' functorch path (vmap(grad) per layer) instead of the formulas
   dp_hooks_k{K}   dp_hooks with noise multiplicity K: every example runs K (timestep, noise) draws, so the
                   UNet sees K x batch rows (the price of DPDM's variance reduction, not of privacy)
+  dp_vmap_{m}     with --vmap-methods: dp.grad_sample=vmap (torch.func over the whole UNet) for lora.method=m
+                  (lora, dora, lokr, loha; the last three have no Opacus per-layer path)
 
 Fixed-size batches (dp.poisson=false) so every variant processes exactly `--batch-size` examples.
 Goals (issue 5): dp / lora <= 1.3 in time and in peak memory.
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     common.add_threads(parser, 2)
     common.add_base(parser)
     parser.add_argument("--targets", default="full", help="LoRA targets preset of every variant: full | attn")
+    parser.add_argument("--vmap-methods", default="", help="comma-separated lora.method values to time with dp.grad_sample=vmap")
     args = parser.parse_args(argv)
 
     device = common.default_device()
@@ -74,6 +77,9 @@ def main(argv=None) -> int:
         if args.multiplicity > 1:
             variants[f"dp_hooks_k{args.multiplicity}"] = DPStep(
                 dp_trainer(tmp / "k", path, args.batch_size, args.multiplicity, "hooks", targets))
+        for method in filter(None, args.vmap_methods.split(",")):
+            variants[f"dp_vmap_{method}"] = DPStep(dp_trainer(tmp / f"vmap-{method}", path, args.batch_size, 1, "vmap",
+                                                              [*targets, f"lora.method={method}"]))
         results = measure(variants, args.steps, args.repeats, args.warmup, device)
 
     where = common.device_name(device)

@@ -29,14 +29,14 @@ def _install(tmp_dir: Path, final_dir: Path) -> None:
         os.replace(f, final_dir / f.name)
 
 
-ADAPTER_METADATA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "init_lora_weights", "peft_type", "bias",
-                         "use_rslora")
-
-
 def adapter_metadata(config) -> dict:
+    """The config keys that rebuild the adapter's shape (privtune.models.methods), JSON-safe; nothing about the data."""
+    from .models.methods import method_of
+
     meta = config.to_dict()
     meta["target_modules"] = sorted(meta.get("target_modules") or [])
-    return {k: v for k, v in meta.items() if k in ADAPTER_METADATA_KEYS}
+    meta["peft_type"] = str(getattr(config.peft_type, "value", config.peft_type))
+    return {k: v for k, v in meta.items() if k in method_of(config).metadata_keys}
 
 
 def save_lora_folder(folder: Path, unet_state: dict, unet_config, text_state: dict | None = None,
@@ -71,23 +71,31 @@ def save_lora_folder(folder: Path, unet_state: dict, unet_config, text_state: di
 
 
 def save_kohya(path: Path, unet_state: dict, unet_config, text_state=None, text_config=None) -> None:
-    """The kohya / webui key layout (lora_unet_*.lora_down/lora_up/alpha) via diffusers' converter."""
+    """The kohya / webui key layout that ComfyUI and A1111 load: LoRA as lora_unet_*.lora_down / lora_up / alpha
+    (diffusers' converter), LoKr / LoHa in LyCORIS' layout (privtune.models.kohya); a text-encoder LoRA as lora_te_*,
+    kohya's SD 1.x name (diffusers writes lora_te1_, SDXL's name for its first encoder, which A1111 maps on SDXL only)."""
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
-    merged = {f"unet.{k}": v for k, v in unet_state.items()}
-    alphas = {"lora_unet": float(unet_config.lora_alpha)}
+    from .models import kohya as lycoris
+    from .models.methods import method_of
+
+    def lora_part(state, config, prefix: str) -> dict:
+        out = convert_state_dict_to_kohya({f"{prefix}.{k}": v for k, v in state.items()})
+        return {k: torch.tensor(float(config.lora_alpha)) if k.endswith(".alpha") else v for k, v in out.items()}
+
+    method = method_of(unet_config)
+    if method.lycoris:
+        kohya = lycoris.kohya_state_dict(unet_state, unet_config, "lora_unet")
+        meta = {"ss_network_module": "lycoris.kohya", "ss_network_args": f'{{"algo": "{method.name}"}}',
+                "ss_network_alpha": str(unet_config.alpha)}
+    else:
+        kohya = lora_part(unet_state, unet_config, "unet")
+        meta = {"ss_network_module": "networks.lora", "ss_network_alpha": str(unet_config.lora_alpha)}
     if text_state:
-        merged.update({f"text_encoder.{k}": v for k, v in text_state.items()})
-        alphas["lora_te1"] = float(text_config.lora_alpha)
-    kohya = convert_state_dict_to_kohya(merged)
-    for key in list(kohya):
-        if key.endswith(".alpha"):
-            prefix = "lora_te1" if key.startswith("lora_te1") else "lora_unet"
-            kohya[key] = torch.tensor(alphas[prefix])
+        kohya.update({k.replace("lora_te1_", "lora_te_", 1): v for k, v in lora_part(text_state, text_config, "text_encoder").items()})
     kohya = {k: v.contiguous() for k, v in kohya.items()}
-    save_file(kohya, str(path), metadata={"format": "pt", "ss_network_module": "networks.lora",
-                                         "ss_network_dim": str(unet_config.r), "ss_network_alpha": str(unet_config.lora_alpha)})
+    save_file(kohya, str(path), metadata={"format": "pt", "ss_network_dim": str(unet_config.r), **meta})
 
 
 def export_lora(trainer) -> Path:

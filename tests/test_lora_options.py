@@ -200,13 +200,3 @@ def test_dora_exports_magnitudes_that_vanilla_diffusers_loads_exactly(tmp_path, 
             x, t, encoder_hidden_states=cond).sample
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(ours, base, atol=1e-4)  # the DoRA adapter changes the model
-
-
-@pytest.mark.parametrize("args, message", [
-    (["recipe=dpsgd", "lora.method=dora"], "Opacus has no per-sample gradient for DoRA's magnitude vectors"),
-    (["recipe=lora", "lora.method=dora", "export.kohya=true"], "no place for DoRA's magnitude vectors"),
-])
-def test_dora_refused_where_it_cannot_work(tmp_path, base_model, capsys, args, message):
-    run = tmp_path / "run"
-    assert main([args[0], *train_args(run, f"model.base={base_model}", *args[1:])[1:]]) == 2
-    assert message in capsys.readouterr().err and not (run / "config.yaml").exists()

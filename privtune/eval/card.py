@@ -18,6 +18,7 @@ import yaml
 from ..errors import PrivtuneError
 from ..export import LORA_FILE
 from ..io import atomic_write_text
+from ..models import methods
 from .report import attack_rows, best_attack, fmt, fmt_ci, fmt_num, fmt_settings, md_table, privacy_lines, utility_section, warning_lines
 
 CARD_FILE = "README.md"
@@ -215,7 +216,8 @@ def render_card(report: Mapping[str, Any], *, base_model: str, license: str, rep
     protocol = report.get("protocol") or {}
     load_base = base_model if shown_base != LOCAL_PATH else "path/to/base-model"
     pipeline = report.get("pipeline") or "StableDiffusionPipeline"  # SDXL runs record StableDiffusionXLPipeline
-    imports = [f"from diffusers import {pipeline}"]
+    method_imports, load_lines = methods.usage(report.get("adapter_method") or "lora", LORA_FILE)
+    imports = [*method_imports, f"from diffusers import {pipeline}"]
     if packaged:
         imports.append("from privtune.embedded import embedded")
         load_expr = f'str(embedded("{base_model}").model)'
@@ -231,7 +233,7 @@ def render_card(report: Mapping[str, Any], *, base_model: str, license: str, rep
             "from held-out images of the same distribution.", ""]
     out += ["## Usage", "", "```python", *imports, "",
             f'pipe = {pipeline}.from_pretrained({load_expr})',
-            f'pipe.load_lora_weights("path/to/this/lora", weight_name="{LORA_FILE}")',
+            *load_lines,
             'image = pipe("a prompt", num_inference_steps=25).images[0]', "```", ""]
     out += ["## Privacy card", "", md_table(["Setting", "Value"], _defense_rows(report, shown_base)), ""]
     out += ["### Guarantee", "", _guarantee(privacy), ""]

@@ -92,7 +92,9 @@ def _math_attention():
 
 def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The LoRA tensors the client trains (and shares gradients of), made trainable."""
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    from ..models.methods import is_adapter_param
+
+    params = [p for n, p in unet.named_parameters() if is_adapter_param(n)]
     if not params:
         raise ConfigError("the UNet has no LoRA tensors; load the run's lora/ folder before attacking its gradients")
     for p in params:

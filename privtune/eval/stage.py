@@ -264,10 +264,10 @@ def _adapter_live(components, name: str):
     """Shadow adapter `name` the active one of every LoRA layer holding it (UNet, and the text encoder when it has
     one), with every `requires_grad` flag kept; the layers' previous adapters on exit."""
     from ..models.lora import tuner_layers
+    from ..models.methods import holds_adapter
 
     layers = [layer for m in (components.unet, components.text_encoder, components.text_encoder_2) if m is not None
-              for layer in tuner_layers(m)
-              if name in getattr(layer, "lora_A", {})]
+              for layer in tuner_layers(m) if holds_adapter(layer, name)]
     flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
     before = [list(layer.active_adapters) for layer in layers]
     for layer in layers:
@@ -312,6 +312,7 @@ def _deployed_sections(cfg, components, unet, predictor, alphas, members, nonmem
                               split_sizes={"members": len(split.members), "nonmembers": len(split.nonmembers)},
                               command=command, defense=defense_summary(cfg), baseline=load_baseline(ev.baseline))
         report["pipeline"] = "StableDiffusionXLPipeline" if components.sdxl else "StableDiffusionPipeline"
+        report["adapter_method"] = str(cfg.lora.method)  # the card's loading snippet depends on it
         if split.training_fingerprint:
             report["training_data"] = split.training_fingerprint
         if evaluation_command:

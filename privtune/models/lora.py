@@ -39,13 +39,12 @@ def target_modules(targets) -> list[str]:
 
 
 def lora_config(rank: int, alpha: float, dropout: float, targets, method: str = "lora"):
-    """peft's LoraConfig; `method="dora"` is DoRA (peft's use_dora), which diffusers exports and loads as is."""
-    from peft import LoraConfig
+    """The peft config of adapter method `method` (privtune.models.methods: lora, dora, lokr, loha)."""
+    from . import methods
 
     if rank < 1:
         raise ConfigError(f"lora.rank must be >= 1 (got {rank})")
-    return LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout), use_dora=method == "dora",
-                      init_lora_weights="gaussian", target_modules=target_modules(targets))
+    return methods.get(method).build(rank, alpha, dropout, target_modules(targets))
 
 
 def _is_transformers_model(model) -> bool:
@@ -53,8 +52,10 @@ def _is_transformers_model(model) -> bool:
 
 
 def add_lora(model: torch.nn.Module, config, adapter_name: str = "default") -> list[torch.nn.Parameter]:
-    """Attach a LoRA adapter (diffusers' / transformers' peft integration); returns its parameters."""
+    """Attach an adapter of any peft method here (diffusers' / transformers' peft integration); returns its parameters."""
     import warnings
+
+    from .methods import is_adapter_param
 
     try:
         with warnings.catch_warnings():  # a second adapter (DualMD, DistillMD) is intended
@@ -69,7 +70,7 @@ def add_lora(model: torch.nn.Module, config, adapter_name: str = "default") -> l
                 inject_adapter_in_model(config, model, adapter_name=adapter_name)
     except ValueError as exc:
         raise ConfigError(f"cannot attach LoRA to {type(model).__name__}: {exc}. Check lora.targets") from exc
-    params = [p for n, p in model.named_parameters() if "lora_" in n and f".{adapter_name}." in n + "."]
+    params = [p for n, p in model.named_parameters() if is_adapter_param(n) and f".{adapter_name}." in n + "."]
     for p in params:
         p.requires_grad_(True)
     if not params:
@@ -100,11 +101,13 @@ def load_lora(components, lora_dir, adapter_name: str = "default") -> None:
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):
         raise ModelError(f"LoRA folder {folder} holds no .safetensors weights; pass the run's lora/ folder")
     weights = folder / LORA_FILE
+    what = f"the base model {components.path}"
+    if any(".lokr_" in k or ".hada_" in k for k in _keys(weights)):
+        return _load_lycoris(components, weights, what, adapter_name)
     try:
         state, _ = StableDiffusionPipeline.lora_state_dict(str(folder), weight_name=LORA_FILE)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelError(f"cannot read the LoRA in {folder}: {exc}") from exc
-    what = f"the base model {components.path}"
     encoders = (("text_encoder", components.text_encoder), ("text_encoder_2", getattr(components, "text_encoder_2", None)))
     for prefix, model in (("unet", components.unet), *encoders):
         part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
@@ -134,6 +137,68 @@ def load_lora(components, lora_dir, adapter_name: str = "default") -> None:
             f"the LoRA in {folder} does not fit {what}: only {len(loaded)} of its "
             f"{len(unet_keys)} UNet tensors match a module; was it trained on another base model?"
         )
+
+
+def _keys(weights) -> list[str]:
+    from safetensors import safe_open
+
+    from ..errors import ModelError
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return list(f.keys())
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"cannot read the adapter file {weights}: {exc}") from exc
+
+
+def file_metadata(weights) -> dict:
+    """The adapter metadata diffusers' save_lora_weights packs into a file (`unet.r`, `text_encoder.alpha`, ...)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        return json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+
+
+def _load_lycoris(components, weights, what: str, adapter_name: str) -> None:
+    """A LoKr / LoHa file into the UNet (and text encoders) through peft, shaped by the file's adapter metadata.
+
+    peft itself, not diffusers: diffusers has no LoHa loader, and one path for both keeps what privtune attacks the
+    same for either (tests check a vanilla diffusers pipeline loads a LoKr file to the same predictions).
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from ..errors import ModelError
+    from .methods import config_from_metadata
+
+    meta = file_metadata(weights)
+    state = load_file(str(weights))
+    parts = (("unet", components.unet), ("text_encoder", components.text_encoder),
+             ("text_encoder_2", getattr(components, "text_encoder_2", None)))
+    for prefix, model in parts:
+        part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        if not part:
+            continue
+        if model is None:
+            raise ModelError(f"the adapter {weights} has {prefix} weights, which {what} has no {prefix} for")
+        config = {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(prefix + ".")}
+        if not config.get("peft_type"):
+            raise ModelError(f"the adapter {weights} has no adapter metadata for its {prefix} tensors; export it with privtune")
+        try:
+            params = add_lora(model, config_from_metadata(config), adapter_name)
+            result = set_peft_model_state_dict(model, part, adapter_name=adapter_name)
+        except (ConfigError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"the adapter {weights} does not fit {what}: {first}; evaluate it on the base model it was "
+                             "trained on") from exc
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise ModelError(f"the adapter {weights} does not fit {what}: {len(unexpected)} of its {prefix} tensors match "
+                             f"no module (e.g. {unexpected[0]}); was it trained on another base model?")
+        for p in params:
+            p.requires_grad_(False)
 
 
 @contextmanager

@@ -27,8 +27,9 @@ class DP(Section):
     noise_multiplier: Optional[float] = option(None, "set instead of (or as well as, then target_epsilon caps it) target_epsilon")
     max_grad_norm: float = option(0.05, "per-example clipping norm C (DP-LDM uses a tiny C: clipping acts as normalisation); "
                                         ".inf = no clipping")
-    grad_sample: str = option("hooks", "hooks (Opacus per-layer formulas, fastest here) | functorch (vmap per layer)",
-                              choices=("hooks", "functorch"))
+    grad_sample: str = option("hooks", "hooks (Opacus per-layer formulas, fastest here) | functorch (Opacus, vmap per layer) "
+                                       "| vmap (torch.func over the whole UNet: every lora.method, DoRA / LoKr / LoHa too)",
+                              choices=("hooks", "functorch", "vmap"))
     noise_multiplicity: int = option(8, "K (timestep, noise) draws averaged per example before clipping (DPDM)")
     accountant: str = option("rdp", "rdp | prv | gdp (Opacus accountants)", choices=ACCOUNTANTS)
     poisson: bool = option(True, "Poisson sampling: true DP batches of variable size")

@@ -122,15 +122,18 @@ class Lora(Section):
     alpha: int = option(16, "LoRA alpha (the update is scaled by alpha / rank)")
     dropout: float = option(0.0, "dropout on the LoRA layers' input")
     targets: Union[str, List[str]] = option("full", "attn | full (kohya-style) | an explicit list of module names")
-    method: str = option("lora", "lora | dora (DoRA, Liu et al. 2024: a magnitude vector per adapted weight beside the "
-                                 "low-rank direction update, through peft's use_dora; not under DP-SGD)",
-                         choices=("lora", "dora"))
+    method: str = option("lora", "lora | dora (DoRA: a magnitude vector per adapted weight beside the low-rank direction) "
+                                 "| lokr (LoKr: a Kronecker-product update) | loha (LoHa: a Hadamard product of two "
+                                 "low-rank products); through peft, see privtune.models.methods",
+                         choices=("lora", "dora", "lokr", "loha"))
     text_encoder: bool = option(False, "also train a LoRA on the text encoder")
     text_encoder_targets: List[str] = option(["q_proj", "k_proj", "v_proj", "out_proj"], "text-encoder modules the LoRA targets")
 
     def check(self) -> None:
         self.at_least(1, "rank")
         self.within("dropout", 0, 1, "[)")
+        if self.method in ("lokr", "loha"):
+            self.require(self.dropout == 0, "dropout", f"0 with lora.method={self.method} (peft's LoKr / LoHa have no input dropout)")
         if isinstance(self.targets, str):
             self.require(self.targets in LORA_PRESETS, "targets", f"a preset ({', '.join(LORA_PRESETS)}) or a list of module names")
         else:

@@ -33,7 +33,8 @@ OPTIONS = {
                             "set train.max_grad_norm=0"),
     "snr_gamma": Option("train.snr_gamma (min-SNR loss weighting)", lambda cfg: cfg.train.snr_gamma is not None,
                         "set train.snr_gamma=null"),
-    "dora": Option("lora.method=dora", lambda cfg: cfg.lora.method == "dora", "set lora.method=lora"),
+    "adapter_method": Option("an adapter method other than LoRA (lora.method=dora | lokr | loha)",
+                             lambda cfg: cfg.lora.method != "lora", "set lora.method=lora"),
     "multi_process": Option("several processes", None, "launch it without accelerate multi-process"),
 }
 ALL = frozenset(OPTIONS)

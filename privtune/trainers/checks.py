@@ -19,8 +19,13 @@ def check_run_config(cfg) -> None:
 
     check_data_settings(cfg)
     if cfg.lora.method == "dora" and cfg.export.kohya:
-        raise ConfigError("export.kohya=true with lora.method=dora: the kohya file has no place for DoRA's magnitude "
-                          "vectors; set export.kohya=false (the diffusers file carries them)")
+        raise ConfigError("export.kohya=true with lora.method=dora: no kohya file reproduces peft's DoRA, which normalizes "
+                          "each output row of W + dW; ComfyUI divides an output-axis dora_scale by the base weight's norm and "
+                          "A1111 normalizes input columns; set export.kohya=false (the diffusers file carries the magnitudes)")
+    if cfg.lora.method in ("lokr", "loha") and cfg.lora.text_encoder:
+        raise ConfigError(f"lora.text_encoder=true with lora.method={cfg.lora.method}: the text encoder's adapter would be "
+                          "a LoRA in a LyCORIS file, which the diffusers loaders do not read together; set "
+                          "lora.text_encoder=false or lora.method=lora")
     check_attacks(cfg.eval.attacks)
     check_max_members(cfg.eval.get("max_members"))
     if cfg.eval.enabled:

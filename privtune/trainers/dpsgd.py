@@ -8,7 +8,9 @@ privacy cost); Lyu et al., "Differentially Private Latent Diffusion Models" (DP-
 2305.15759 (DP fine-tuning of a publicly pre-trained latent diffusion model).
 
 Per-example gradients come from Opacus' `GradSampleModule` hooks, attached only to the LoRA
-modules (everything else is frozen). Each example is repeated K times in the batch; its K rows of
+modules (everything else is frozen), or, with `dp.grad_sample=vmap` (needed by DoRA, LoKr and
+LoHa, whose layers Opacus has no formula for), from torch.func over the whole UNet
+(`per_sample.per_example_grads`). Each example is repeated K times in the batch; its K rows of
 per-sample gradients are summed (the loss is the per-example mean over the K draws) before the
 clipping to `dp.max_grad_norm`, so sensitivity and accounting are those of one example. Clipping
 and noise are applied here rather than by Opacus' DPOptimizer because of that K-row aggregation;
@@ -213,11 +215,10 @@ class DPSGDTrainer(Trainer):
     """DP-SGD (per-example clipping + Gaussian noise + accountant) on the UNet's LoRA parameters."""
 
     name = "dpsgd"
-    supports = capabilities.ALL - {"memorization_filter", "text_encoder", "gradient_checkpointing", "fp16", "max_grad_norm", "dora"}
+    supports = capabilities.ALL - {"memorization_filter", "text_encoder", "gradient_checkpointing", "fp16", "max_grad_norm"}
     unsupported_reasons = {
         "memorization_filter": "its loss is the per-example DP loss",
         "text_encoder": "a text-encoder LoRA would share the budget",
-        "dora": "Opacus has no per-sample gradient for DoRA's magnitude vectors, so they could not be clipped",
         "gradient_checkpointing": "Opacus hooks would see each forward twice",
         "fp16": "it would scale per-example gradients before clipping",
         "max_grad_norm": "it clips per example with dp.max_grad_norm",
@@ -232,6 +233,10 @@ class DPSGDTrainer(Trainer):
         dp = cfg.dp  # value ranges: privtune.schema.defenses.DP, checked at load time
         check_seed(dp, "noise_seed")
         check_seed(dp, "sampling_seed")
+        if cfg.lora.method != "lora" and dp.grad_sample != "vmap":
+            raise ConfigError(f"lora.method={cfg.lora.method} under DP-SGD needs dp.grad_sample=vmap: Opacus' per-layer "
+                              f"gradients (dp.grad_sample={dp.grad_sample}) cover nn.Linear / nn.Conv2d only, not DoRA's "
+                              "magnitude vectors or LoKr / LoHa factors; set dp.grad_sample=vmap")
 
     @property
     def expected_batch(self) -> int:
@@ -254,8 +259,10 @@ class DPSGDTrainer(Trainer):
         cfg = self.cfg
         acc = self.accelerator
         self.components.unet = acc.unwrap_model(self.components.unet)
-        self.grad_sampler = GradSampleModule(self.components.unet, batch_first=True, loss_reduction="sum", strict=True,
-                                             force_functorch=cfg.dp.grad_sample == "functorch")
+        self.grad_sampler = None  # dp.grad_sample=vmap: torch.func, no hooks
+        if cfg.dp.grad_sample != "vmap":
+            self.grad_sampler = GradSampleModule(self.components.unet, batch_first=True, loss_reduction="sum", strict=True,
+                                                 force_functorch=cfg.dp.grad_sample == "functorch")
         # The DP secrets: OS entropy unless fixed for debugging, the main process's on every process. A resumed
         # run replaces both with the checkpoint's when `resume_if_asked` loads DPState (which re-seeds the schedule).
         fixed = [check_seed(cfg.dp, "noise_seed"), check_seed(cfg.dp, "sampling_seed")]
@@ -299,6 +306,32 @@ class DPSGDTrainer(Trainer):
                               snr_gamma=self.cfg.train.snr_gamma)
         per_example = rows.view(-1, k).mean(dim=1)
         return per_example.sum(), {"loss": per_example.mean().detach().item()}
+
+    def example_grads(self, batch: Batch) -> tuple[list[torch.Tensor], float]:
+        """Per-example gradients [n, *shape] of the trainable parameters (each the mean over its K draws) and the
+        mean loss: from Opacus' hooks, or from torch.func (`dp.grad_sample=vmap`) with the same draws."""
+        if self.grad_sampler is not None:
+            loss, logs = self.compute_loss(batch)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+            return self.per_example_grads(len(batch.rows)), logs["loss"]
+        from .per_sample import per_example_grads
+
+        k, n = int(self.cfg.dp.noise_multiplicity), len(batch.rows)
+        latents = batch.latents.repeat_interleave(k, dim=0)
+        states = batch.encoder_hidden_states.repeat_interleave(k, dim=0)
+        noise, timesteps = self.sample_noise(latents)
+        unet, scheduler, gamma = self.components.unet, self.components.noise_scheduler, self.cfg.train.snr_gamma
+        names = {id(p): name for name, p in unet.named_parameters()}
+        params = {names[id(p)]: p for p in self.trainable}
+
+        def example_loss(call, lat, st, nz, ts):
+            return denoising_loss(call, scheduler, lat, st, nz, ts, snr_gamma=gamma).mean()
+
+        per_example = [t.reshape(n, k, *t.shape[1:]) for t in (latents, states, noise, timesteps)]
+        grads, losses = per_example_grads(unet, params, example_loss, *per_example)
+        return [grads[name].float() for name in params], float(losses.mean())
 
     def per_example_grads(self, n: int) -> list[torch.Tensor]:
         """Per-example gradients [n, *shape] (fp32) from the hooks' K rows per example; clears them."""
@@ -350,12 +383,9 @@ class DPSGDTrainer(Trainer):
         for c in self.schedule.local_chunks(step):
             self.state.reseed(c, rank=0)  # chunk c's draws do not depend on which process computes it
             batch = self.micro_batch(step * self.schedule.chunks_per_step + c)
-            loss, logs = self.compute_loss(batch)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            norms = self.add_clipped_sum(total, self.per_example_grads(len(batch.rows)))
-            stats += torch.tensor([len(batch.rows), logs["loss"] * len(batch.rows), float(norms.sum()),
+            grads, loss = self.example_grads(batch)
+            norms = self.add_clipped_sum(total, grads)
+            stats += torch.tensor([len(batch.rows), loss * len(batch.rows), float(norms.sum()),
                                    float((norms > float(self.cfg.dp.max_grad_norm)).sum())], dtype=torch.float64)
         total, stats = self.sum_over_processes(total, stats)
         self.dp_state.begin_step(step)
@@ -450,6 +480,8 @@ class DPSGDTrainer(Trainer):
 
     # ------------------------------------------------------------------ evaluation without hooks
     def validate(self, step: int):
+        if self.grad_sampler is None:
+            return super().validate(step)
         self.grad_sampler.disable_hooks()
         try:
             return super().validate(step)
@@ -458,10 +490,11 @@ class DPSGDTrainer(Trainer):
 
     def finish(self) -> None:
         """Write privacy.json (the guarantee, even with eval off); remove the Opacus hooks before export and evaluation."""
-        self.grad_sampler.remove_hooks()
-        for module in self.grad_sampler.modules():
-            if hasattr(module, "activations"):
-                del module.activations
+        if self.grad_sampler is not None:
+            self.grad_sampler.remove_hooks()
+            for module in self.grad_sampler.modules():
+                if hasattr(module, "activations"):
+                    del module.activations
         for p in self.trainable:
             for attr in ("grad_sample", "_forward_counter"):
                 if hasattr(p, attr):

@@ -97,6 +97,7 @@ class PromptDiversification:
 
 
 TWO_ADAPTER_LIMITS = {"text_encoder": "it trains UNet adapters only",
+                      "adapter_method": "its adapters are loaded back and compared as LoRA tensors",
                       "multi_process": "the two adapters' forwards would leave DDP with unused parameters"}
 
 

@@ -15,8 +15,8 @@ and the pattern of per-layer gradient sizes is a richer signal than the loss alo
 3. A gradient-boosted tree classifier on the standardized log norms; score = raw = its member
    log-odds (the decision function, which does not saturate the way a probability does).
 
-Parameters: the LoRA parameters ("lora_" in the name) of the adapters active in enabled, unmerged
-LoRA layers when there are any (`params()["parameters"] == "lora"`), otherwise every other
+Parameters: the adapter tensors (LoRA, DoRA, LoKr or LoHa: privtune.models.methods) of the adapters active in
+enabled, unmerged adapter layers when there are any (`params()["parameters"] == "lora"`), otherwise every other
 parameter of the UNet ("all", as in the paper). `requires_grad` is set on exactly those tensors
 while the features are computed and every flag is restored afterwards; the weights never change.
 
@@ -72,9 +72,11 @@ def gsa_timesteps(n_timesteps: int, num_train_timesteps: int) -> list[int]:
 
 def attacked_parameters(unet: nn.Module) -> tuple[str, list[tuple[str, nn.Parameter]]]:
     """("lora", the LoRA tensors of active adapters in enabled, unmerged LoRA layers) when there are any,
-    else ("all", every parameter whose name has no "lora_": the network an unused adapter leaves)."""
+    else ("all", every parameter that is no adapter tensor: the network an unused adapter leaves)."""
+    from ...models.methods import is_adapter_param
+
     named = list(unet.named_parameters())
-    if any("lora_" in n for n, _ in named):
+    if any(is_adapter_param(n) for n, _ in named):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         keep: dict[int, str] = {}
@@ -84,12 +86,12 @@ def attacked_parameters(unet: nn.Module) -> tuple[str, list[tuple[str, nn.Parame
             active = list(module.active_adapters)
             for pname, p in module.named_parameters():
                 hit = next((a for a in active if f".{a}." in f".{pname}."), None)
-                if "lora_" in pname and hit is not None:  # named without the adapter: shadows load under their own
+                if is_adapter_param(pname) and hit is not None:  # named without the adapter: shadows load under their own
                     keep[id(p)] = f"{mname}.{f'.{pname}.'.replace(f'.{hit}.', '.*.').strip('.')}"
         lora = [(keep[id(p)], p) for _, p in named if id(p) in keep]
         if lora:
             return "lora", lora
-    return "all", [(n, p) for n, p in named if "lora_" not in n]
+    return "all", [(n, p) for n, p in named if not is_adapter_param(n)]
 
 
 @contextmanager
