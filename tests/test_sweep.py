@@ -382,3 +382,20 @@ def test_benchmark_sweep_files_load_and_name_their_runs():
     sweep = sw.load_sweep(str(path))
     names = [r.name for r in sweep.runs]
     assert "lora__seed=2" in names and "dp_style__dp.target_epsilon=1__seed=0" in names and len(names) == 10
+
+
+def test_frontier_labels_of_coinciding_points_do_not_overlap():
+    """Settings that land on one spot (every undefended-like run at AUC 1.0) get labels that do not overlap."""
+    from privtune.sweep.frontier import LABEL_CHAR, LABEL_HEIGHT, place_labels
+
+    texts = [f"setting number {i}" for i in range(10)]
+    points = [(0.8, 0.85)] * 8 + [(0.81, 0.85), (0.2, 0.1)]
+    boxes = []
+    for (x, y, align), text in zip(place_labels(points, texts), texts):
+        width = LABEL_CHAR * len(text)
+        left = x if align == "left" else x - width
+        boxes.append((left, y, left + width, y + LABEL_HEIGHT))
+    assert all(0 <= b[0] and b[2] <= 1 and 0 <= b[1] and b[3] <= 1 for b in boxes)
+    for i, a in enumerate(boxes):
+        for b in boxes[:i]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)

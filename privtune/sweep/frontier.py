@@ -191,6 +191,36 @@ def render_frontier_md(sweep: Sweep, rows: Sequence[FrontierRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LABEL_HEIGHT = 0.032  # a 7-pt label's height, as a fraction of the axes' height in an 8 x 6 in figure
+LABEL_CHAR = 0.0085   # one character's width, as a fraction of the axes' width
+LABEL_OFFSETS = [(0.01, 0.008), (0.01, -0.04), (-0.01, 0.008), (-0.01, -0.04)] + [
+    (dx, dy * LABEL_HEIGHT) for step in range(1, 12) for dy in (step + 0.25, -step - 1.25) for dx in (0.01, -0.01)]
+
+
+def place_labels(points: Sequence[tuple[float, float]], texts: Sequence[str]) -> list[tuple[float, float, str]]:
+    """(x, y, horizontal alignment) in axes fractions for each label near its point (given in axes fractions), the
+    first of `LABEL_OFFSETS` whose box overlaps no label placed before it and stays inside the axes: settings that
+    land on one spot (the AUC-1.0 cluster) get a stacked column of labels instead of one illegible blot."""
+    placed: list[tuple[float, float, float, float]] = []
+    out = []
+    for (px, py), text in zip(points, texts):
+        width = LABEL_CHAR * len(text)
+        choice = None
+        for dx, dy in LABEL_OFFSETS:
+            left = px + dx if dx >= 0 else px + dx - width
+            box = (left, py + dy, left + width, py + dy + LABEL_HEIGHT)
+            inside = box[0] >= 0 and box[2] <= 1 and box[1] >= 0 and box[3] <= 1
+            if inside and not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                choice = (box, "left" if dx >= 0 else "right", px + dx, py + dy)
+                break
+        if choice is None:  # nowhere free: the first offset, overlapping
+            dx, dy = LABEL_OFFSETS[0]
+            choice = ((px + dx, py + dy, px + dx + width, py + dy + LABEL_HEIGHT), "left", px + dx, py + dy)
+        placed.append(choice[0])
+        out.append((choice[2], choice[3], choice[1]))
+    return out
+
+
 def plot_frontier(rows: Sequence[FrontierRow], path: Path, title: str = "") -> Path:
     """frontier.png: style accuracy (x) against best-attack AUC (y), error bars, the Pareto front as a step
     line, the undefended LoRA marked, chance (AUC 0.5) dashed; settings without both numbers are listed."""
@@ -210,7 +240,6 @@ def plot_frontier(rows: Sequence[FrontierRow], path: Path, title: str = "") -> P
         ax.errorbar(x, y, xerr=None if xe is None else [[xe[0]], [xe[1]]], yerr=None if ye is None else [[ye[0]], [ye[1]]],
                     fmt="*" if base else "o", markersize=14 if base else 7, color="crimson" if base else "C0",
                     ecolor="0.6", elinewidth=1, capsize=3, zorder=3, label="undefended LoRA" if base else None)
-        ax.annotate(row.setting.display, (x, y), xytext=(5, 5), textcoords="offset points", fontsize=7)
         lows.append(y - (ye[0] if ye else 0.0))
         highs.append(y + (ye[1] if ye else 0.0))
     front = sorted((row.point for row in plotted if row.on_front), key=lambda p: p[0])
@@ -218,7 +247,16 @@ def plot_frontier(rows: Sequence[FrontierRow], path: Path, title: str = "") -> P
         ax.step([p[0] for p in front], [p[1] for p in front], where="pre", color="C1", lw=1.5, zorder=2,
                 label="Pareto front (lower AUC, higher style accuracy)")
     ax.axhline(0.5, color="0.3", ls="--", lw=1, zorder=1, label="chance (AUC 0.5)")
-    ax.set_ylim(min(lows) - 0.02, min(1.02, max(highs) + 0.03))
+    ax.set_ylim(min(lows) - 0.02, min(1.02, max(highs) + 0.03) + 0.03 * min(len(plotted), 8))  # room for stacked labels
+    ax.margins(x=0.12)
+    if plotted:
+        x0, x1 = ax.get_xlim()
+        y0, y1 = ax.get_ylim()
+        fractions = [((row.point[0] - x0) / (x1 - x0), (row.point[1] - y0) / (y1 - y0)) for row in plotted]
+        for row, (fx, fy), (lx, ly, align) in zip(plotted, fractions, place_labels(fractions, [r.setting.display for r in plotted])):
+            ax.annotate(row.setting.display, (fx, fy), xytext=(lx, ly), xycoords="axes fraction", textcoords="axes fraction",
+                        fontsize=7, ha=align, va="bottom", arrowprops={"arrowstyle": "-", "color": "0.55", "lw": 0.6,
+                                                                        "shrinkA": 0, "shrinkB": 4})
     ax.set_xlabel("Utility: style accuracy of generations (higher = better)")
     ax.set_ylabel("Privacy risk: best-attack AUC (lower = better)")
     ax.set_title(title or "Privacy / utility frontier", fontsize=11)
@@ -229,9 +267,8 @@ def plot_frontier(rows: Sequence[FrontierRow], path: Path, title: str = "") -> P
     if left_out:
         ax.text(0.01, 0.01, "not plotted (no style accuracy or AUC): " + "; ".join(left_out), transform=ax.transAxes,
                 fontsize=7, va="bottom", wrap=True)
-    ax.margins(x=0.12)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
+    fig.legend(fontsize=8, loc="outside lower center", ncols=3, framealpha=0.9)  # below the axes: clear of every label
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
