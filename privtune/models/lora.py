@@ -268,16 +268,10 @@ def _targets_name(names) -> str:
 def file_settings(weights_file, state: dict, prefix: str = "unet") -> str:
     """The lora settings a file was trained with, as `lora.rank=.. lora.targets=..`: from the adapter metadata
     privtune and diffusers write, else read off the tensors' shapes and module names."""
-    import json
-
-    meta = {}
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(weights_file), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        meta = file_metadata(weights_file)
     except (OSError, ValueError, RuntimeError):
-        pass
+        meta = {}
     rank = meta.get(f"{prefix}.r")
     targets = meta.get(f"{prefix}.target_modules")
     if rank is None:
