@@ -134,19 +134,20 @@ def test_sdxl_lora_trains_is_attacked_and_exports_to_vanilla(sdxl_folder, tmp_pa
     assert image.shape == (1, 64, 64, 3)
 
 
-def test_sdxl_dp_sgd_clips_every_per_sample_gradient(sdxl_folder, tmp_path):
+@pytest.mark.parametrize("grad_sample, method", [("hooks", "lora"), ("vmap", "dora")])
+def test_sdxl_dp_sgd_clips_every_per_sample_gradient(sdxl_folder, tmp_path, grad_sample, method):
+    """Opacus' hooks (LoRA) and torch.func over the whole UNet (DoRA) both see SDXL's packed condition."""
     from privtune.config import load_config
     from privtune.trainers import get_trainer
 
     c = 0.05
     args = _run_args(sdxl_folder, tmp_path / "dp", "dp.target_epsilon=null", "dp.noise_multiplier=0", f"dp.max_grad_norm={c}",
-                     "dp.noise_multiplicity=2", "dp.poisson=false", recipe="dpsgd")
+                     "dp.noise_multiplicity=2", "dp.poisson=false", f"dp.grad_sample={grad_sample}", f"lora.method={method}",
+                     recipe="dpsgd")
     trainer = prepare_trainer(get_trainer("dpsgd")(load_config("dpsgd", args[1:])))
     batch = trainer.micro_batch(0)
     assert batch.encoder_hidden_states.shape[1:] == (78, 256)
-    loss, _ = trainer.compute_loss(batch)
-    loss.backward()
-    grads = trainer.per_example_grads(len(batch.rows))
+    grads, _ = trainer.example_grads(batch)
     assert len(grads) == len(trainer.trainable) and all(g.shape[0] == len(batch.rows) for g in grads)
     clipped, norms = trainer.clip(grads)
     assert (norms > c).all()
