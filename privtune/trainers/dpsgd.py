@@ -294,14 +294,19 @@ class DPSGDTrainer(Trainer):
         return self.dp_state.accountant
 
     # ------------------------------------------------------------------ loss and step
+    def draws(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each example's latent and condition repeated K times, with the K (noise, timestep) draws of each."""
+        k = int(self.cfg.dp.noise_multiplicity)
+        latents = batch.latents.repeat_interleave(k, dim=0)
+        noise, timesteps = self.sample_noise(latents)
+        return latents, batch.encoder_hidden_states.repeat_interleave(k, dim=0), noise, timesteps
+
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """Sum over examples of each example's denoising loss averaged over K (timestep, noise) draws; with
         train.snr_gamma each draw's loss carries its min-SNR weight, so the weighting is inside every per-example
         gradient before it is clipped."""
         k = int(self.cfg.dp.noise_multiplicity)
-        latents = batch.latents.repeat_interleave(k, dim=0)
-        states = batch.encoder_hidden_states.repeat_interleave(k, dim=0)
-        noise, timesteps = self.sample_noise(latents)
+        latents, states, noise, timesteps = self.draws(batch)
         rows = denoising_loss(self.components.unet, self.components.noise_scheduler, latents, states, noise, timesteps,
                               snr_gamma=self.cfg.train.snr_gamma)
         per_example = rows.view(-1, k).mean(dim=1)
@@ -319,9 +324,7 @@ class DPSGDTrainer(Trainer):
         from .per_sample import per_example_grads
 
         k, n = int(self.cfg.dp.noise_multiplicity), len(batch.rows)
-        latents = batch.latents.repeat_interleave(k, dim=0)
-        states = batch.encoder_hidden_states.repeat_interleave(k, dim=0)
-        noise, timesteps = self.sample_noise(latents)
+        latents, states, noise, timesteps = self.draws(batch)
         unet, scheduler, gamma = self.components.unet, self.components.noise_scheduler, self.cfg.train.snr_gamma
         names = {id(p): name for name, p in unet.named_parameters()}
         params = {names[id(p)]: p for p in self.trainable}
